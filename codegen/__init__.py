@@ -1,0 +1,11 @@
+"""qhl.codegen: every qhl:: op and its faces, found by the form's name.
+
+    codegen/<form>.py          the torch.library op: spec (CPU), fake, grad, CUDA dispatch
+    codegen/triton/<form>.py   the Triton kernel family (kernel face) and its codegen template
+    codegen/onnx/<form>.py     the ONNX translation (onnx face)
+
+Importing this package registers the qhl:: ops (and nothing else).
+"""
+from qhl.codegen import per_token_quant, w4a16, w8a8, w8a16  # noqa: F401  (registers the ops)
+
+__all__ = ["per_token_quant", "w8a8", "w8a16", "w4a16"]

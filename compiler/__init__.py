@@ -1,0 +1,55 @@
+"""qhl: lower PyTorch matmuls into quantized, Hadamard-rotated and low-rank forms.
+
+    torch.compile(model, backend="qhl", options={"recipe": "w8a8"})   # run, infer or train
+    print(qhl.inspect(model, (x,), recipe="w4a16"))                     # see what was rewritten
+"""
+from __future__ import annotations
+
+import logging
+
+from qhl.errors import (
+    CaptureError,
+    KernelError,
+    QhlError,
+    RecipeError,
+    UnsupportedError,
+    VerificationError,
+)
+from qhl.recipes import LayerOverride, Recipe, recipe, recipes
+
+__all__ = [
+    "backend",
+    "inspect",
+    "recipe",
+    "recipes",
+    "Recipe",
+    "LayerOverride",
+    "Report",
+    "QhlError",
+    "RecipeError",
+    "CaptureError",
+    "UnsupportedError",
+    "KernelError",
+    "VerificationError",
+    "sqnr_db",
+]
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str):
+    # The heavy parts (torch.library op registration, capture) load on first use.
+    if name == "backend":
+        from qhl.compile_backend import backend
+
+        return backend
+    if name in ("inspect", "Report"):
+        from qhl import report
+
+        return getattr(report, name)
+    if name == "sqnr_db":
+        from qhl.metrics import sqnr_db
+
+        return sqnr_db
+    raise AttributeError(f"module 'qhl' has no attribute {name!r}")

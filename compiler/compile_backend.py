@@ -1,0 +1,130 @@
+"""The torch.compile door: `torch.compile(model, backend="qhl", options={"recipe": "w4a16"})`.
+
+Dynamo graph -> AOTAutograd (forward + backward for training, or one inference graph) -> our
+passes on each ATen graph -> the rewritten GraphModule is the compiled callable. On CPU its
+qhl:: ops run their spec faces; on CUDA, their Triton kernels.
+
+`qhl.backend("w4a16", group_size=64)` returns the same backend as an object, which also keeps
+what it compiled (`.graphs`, each with its pass records and layer table) for inspection.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from qhl.capture import bind_dynamo_weights, weight_paths_from_dynamo
+from qhl.codegen.triton.emit import attach_kernel_sources
+from qhl.driver import PassRecord, run_passes
+from qhl.graph import TRAINING_META, MatmulInfo, matmul_infos
+from qhl.recipes import DEFAULT_RECIPE, Recipe, recipe
+
+__all__ = ["QhlBackend", "CompiledGraph", "backend", "qhl_backend"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompiledGraph:
+    """One ATen graph the backend compiled: 'forward', 'backward' or 'inference'."""
+
+    kind: str
+    gm: fx.GraphModule
+    passes: list[PassRecord]
+    layers: list[MatmulInfo] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _concrete(inputs: list[Any]) -> tuple[Any, ...] | None:
+    """Real example inputs with SymInts replaced by their hints, or None if impossible."""
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.SymInt):
+            hint = x.node.hint
+            if hint is None:
+                return None
+            out.append(int(hint))
+        elif isinstance(x, torch.Tensor) and x.__class__.__name__ == "FakeTensor":
+            return None
+        else:
+            out.append(x)
+    return tuple(out)
+
+
+class QhlBackend:
+    """A torch.compile backend bound to one recipe."""
+
+    def __init__(self, recipe_: Recipe):
+        self.recipe = recipe_
+        self.graphs: list[CompiledGraph] = []
+
+    def __repr__(self) -> str:
+        return f"QhlBackend(recipe={self.recipe.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QhlBackend) and other.recipe == self.recipe
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **_: Any):
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.aot_autograd import make_boxed_func
+
+        real_inputs = list(example_inputs)
+        paths = weight_paths_from_dynamo(gm, real_inputs)
+
+        def compiler(kind: str):
+            def compile_graph(aot_gm: fx.GraphModule, _fake_inputs: list[Any]):
+                t0 = time.perf_counter()
+                if kind != "backward":
+                    bind_dynamo_weights(aot_gm, real_inputs, paths)
+                aot_gm.meta[TRAINING_META] = kind == "forward"
+                inputs = _concrete(real_inputs) if self.recipe.verify and kind != "backward" else None
+                # AOTAutograd calls us inside its FakeTensorMode; packing weights needs real math.
+                with unset_fake_temporarily():
+                    out, records = run_passes(aot_gm, self.recipe, inputs, verify=inputs is not None)
+                    attach_kernel_sources(out)
+                compiled = CompiledGraph(kind, out, records, [i for _, i in matmul_infos(out)])
+                compiled.seconds = time.perf_counter() - t0
+                self.graphs.append(compiled)
+                _log_summary(kind, compiled)
+                return make_boxed_func(out)
+
+            return compile_graph
+
+        return aot_autograd(
+            fw_compiler=compiler("forward"),
+            bw_compiler=compiler("backward"),
+            inference_compiler=compiler("inference"),
+        )(gm, example_inputs)
+
+
+def _log_summary(kind: str, compiled: CompiledGraph) -> None:
+    rewritten = [i for i in compiled.layers if i.form]
+    forms = sorted({i.form for i in rewritten})
+    log.info(
+        "qhl: %s graph: %d matmuls, %d rewritten %s, %d left as they were (%.2fs)",
+        kind, len(compiled.layers), len(rewritten), forms, len(compiled.layers) - len(rewritten), compiled.seconds,
+    )
+
+
+def backend(recipe_: str | Recipe = DEFAULT_RECIPE, **knobs: Any) -> QhlBackend:
+    """A torch.compile backend object for a recipe: `torch.compile(m, backend=qhl.backend("w4a16"))`."""
+    return QhlBackend(recipe(recipe_, **knobs))
+
+
+def qhl_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None, **_: Any):
+    """The `torch_dynamo_backends` entry point behind `torch.compile(model, backend="qhl")`.
+
+    options: {"recipe": name | Recipe | dict, **knobs}; the default recipe is w8a8.
+    """
+    options = dict(options or {})
+    spec = options.pop("recipe", DEFAULT_RECIPE)
+    if isinstance(spec, dict):
+        spec = Recipe.from_dict(spec)
+    return backend(spec, **options)(gm, example_inputs)

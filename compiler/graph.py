@@ -1,0 +1,156 @@
+"""FX graph helpers and the metadata that passes share.
+
+Two metadata records travel on nodes:
+
+* ``node.meta[WEIGHT_META]`` on a placeholder or get_attr: a `WeightRef`, set by capture, that
+  says "this input is the parameter `path`, whose real value is `value`".
+* ``node.meta[MATMUL_META]`` on a canonical matmul: a `MatmulInfo` (provenance, shapes, the
+  weight, and what later passes decided: form or the reason a layer stayed float).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = [
+    "WEIGHT_META",
+    "MATMUL_META",
+    "TRAINING_META",
+    "WeightRef",
+    "MatmulInfo",
+    "aten",
+    "val",
+    "weight_source",
+    "matmul_infos",
+    "module_path_of",
+    "source_to_path",
+    "same_shape",
+]
+
+aten = torch.ops.aten
+WEIGHT_META = "qhl_weight"
+MATMUL_META = "qhl_matmul"
+TRAINING_META = "qhl_training"  # gm.meta flag: this graph is the forward of a training step
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class WeightRef:
+    """A graph input that is a model parameter or buffer, with its real value."""
+
+    path: str
+    value: torch.Tensor
+    trainable: bool = False
+
+
+@dataclass
+class MatmulInfo:
+    """One matmul found in the graph, and what the passes did with it."""
+
+    path: str
+    op: str  # the ATen op it was found as: mm, addmm, linear, bmm, matmul
+    in_features: int | None = None
+    out_features: int | None = None
+    weight: WeightRef | None = None  # canonical [N, K] weight value, if the matmul has one
+    has_bias: bool = False
+    dtype: torch.dtype | None = None
+    x_shape: tuple[Any, ...] = ()
+    form: str | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    selected: bool = False
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    sqnr_db: float | None = None
+    node_name: str | None = None
+    kernel_source: str | None = None
+    kernel_name: str | None = None
+
+    def decline(self, reason: str) -> None:
+        self.form, self.reason, self.selected = None, reason, False
+
+
+def val(node: Any) -> Any:
+    """The FakeTensor / SymInt / value that tracing recorded for a node (or the constant itself)."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+    return node
+
+
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+_ALIASES = {aten.detach.default, aten.alias.default, aten.clone.default, aten.contiguous.default}
+
+
+def _is_swap(node: fx.Node) -> bool:
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        return True
+    if node.target == aten.transpose.int:
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    if node.target == aten.permute.default:
+        return list(node.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])
+    return False
+
+
+def weight_source(node: Any) -> tuple[fx.Node, WeightRef, bool] | None:
+    """Follow transposes/aliases of a 2-D operand back to a weight input.
+
+    Returns (base node, its WeightRef, transposed?) where `transposed` says whether the operand
+    is the base weight transposed an odd number of times, or None if the operand is not a weight.
+    """
+    transposed = False
+    while isinstance(node, fx.Node):
+        if WEIGHT_META in node.meta:
+            return node, node.meta[WEIGHT_META], transposed
+        if node.op != "call_function":
+            return None
+        if node.target in _TRANSPOSES and _is_swap(node):
+            transposed = not transposed
+        elif node.target not in _ALIASES:
+            return None
+        node = node.args[0]
+    return None
+
+
+def matmul_infos(gm: fx.GraphModule) -> list[tuple[fx.Node, MatmulInfo]]:
+    return [(n, n.meta[MATMUL_META]) for n in gm.graph.nodes if MATMUL_META in n.meta]
+
+
+def source_to_path(source_name: str) -> str:
+    """Dynamo source text -> module path.
+
+    "L['self']._modules['layers']._modules['0']._parameters['weight']" -> "layers.0.weight"
+    """
+    import re
+
+    parts = re.findall(r"\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)", source_name)
+    names = [a or b for a, b in parts]
+    if source_name.startswith("L[") and names:
+        names = names[1:]  # the root local: the compiled module or the function's argument
+    drop = {"_modules", "_parameters", "_buffers", "_orig_mod"}
+    return ".".join(n for n in names if n not in drop)
+
+
+def module_path_of(node: fx.Node) -> str:
+    """Best-effort module path of a node from its nn_module_stack, else the node's name."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, _ = list(stack.values())[-1]
+        return source_to_path(path) if "[" in path or path.startswith("L") else path
+    return node.name
+
+
+def same_shape(a: Any, b: Any) -> bool:
+    """True when two (possibly symbolic) shapes are provably equal."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if len(a) != len(b):
+        return False
+    return all(
+        x == y if isinstance(x, int) and isinstance(y, int) else statically_known_true(x == y)
+        for x, y in zip(a, b)
+    )
+

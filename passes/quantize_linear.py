@@ -1,0 +1,130 @@
+"""quantize_linear: selected canonical matmuls -> qhl:: quantized ops, weights packed once.
+
+    linear(x, W, b)  ->  qhl.w8a8_linear(x, Wq, s_w, b)                       form "w8a8"
+    linear(x, W, b)  ->  qhl.w8a16_linear(x, Wq, s_w, b)                      form "w8a16"
+    linear(x, W, b)  ->  qhl.w4a16_linear(x, packed, s, z, group_size, b)     form "w4a16"
+
+The weight is quantized here, at compile time, from its real value, and the packed tensors are
+stored on the GraphModule as buffers (get_attr nodes): nothing is re-quantized per call.
+Rewrite rules are data: RULES maps a form to (check, pack, op). A check that declines returns
+the reason, and the layer stays float with that reason in the report.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+import qhl.codegen  # noqa: F401  (registers the qhl:: ops this pass inserts)
+from qhl.codegen import quant
+from qhl.graph import MatmulInfo, matmul_infos
+from qhl.passes.base import PassResult
+
+__all__ = ["quantize_linear", "RULES", "Rule"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one form rewrites a canonical linear: check -> reason|None, pack -> buffers, op."""
+
+    form: str
+    check: Callable[[MatmulInfo, dict[str, Any]], str | None]
+    pack: Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, ...]]
+    op: Any
+    static_args: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda knobs: ()
+
+
+def _check_any(info: MatmulInfo, knobs: dict[str, Any]) -> str | None:
+    return None if info.in_features and info.out_features else "empty weight"
+
+
+def _check_int4(info: MatmulInfo, knobs: dict[str, Any]) -> str | None:
+    g = knobs["group_size"]
+    if info.in_features % g:
+        return (
+            f"in_features K={info.in_features} is not divisible by group_size={g}; "
+            "choose a group size that divides K or keep this layer float"
+        )
+    return _check_any(info, knobs)
+
+
+RULES: dict[str, Rule] = {
+    "w8a8": Rule(
+        "w8a8",
+        _check_any,
+        lambda w, knobs: quant.quantize_int8_per_channel(w),
+        torch.ops.qhl.w8a8_linear.default,
+    ),
+    "w8a16": Rule(
+        "w8a16",
+        _check_any,
+        lambda w, knobs: quant.quantize_int8_per_channel(w),
+        torch.ops.qhl.w8a16_linear.default,
+    ),
+    "w4a16": Rule(
+        "w4a16",
+        _check_int4,
+        lambda w, knobs: quant.quantize_int4_groupwise(w, knobs["group_size"], knobs["symmetric"]),
+        torch.ops.qhl.w4a16_linear.default,
+        lambda knobs: (knobs["group_size"],),
+    ),
+}
+_PACKED_NAMES = {"w8a8": ("wq", "w_scale"), "w8a16": ("wq", "w_scale"), "w4a16": ("w_packed", "w_scale", "w_zero")}
+
+
+def _buffer_name(gm: fx.GraphModule, path: str, suffix: str) -> str:
+    base = "qhl_" + re.sub(r"[^0-9A-Za-z_]", "_", path) + "_" + suffix
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _rewrite(gm: fx.GraphModule, node: fx.Node, info: MatmulInfo, rule: Rule) -> None:
+    w = info.weight.value.detach()
+    packed = rule.pack(w.to(torch.float32), info.knobs)
+    x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
+    with gm.graph.inserting_before(node):
+        attrs = []
+        for tensor, suffix in zip(packed, _PACKED_NAMES[rule.form]):
+            name = _buffer_name(gm, info.path, suffix)
+            gm.register_buffer(name, tensor.to(w.device))
+            attr = gm.graph.get_attr(name)
+            attr.meta["val"] = tensor
+            attrs.append(attr)
+        new = gm.graph.call_function(rule.op, (x, *attrs, *rule.static_args(info.knobs), bias))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    info.form, info.reason = rule.form, None
+    info.weight_bytes_after = sum(t.numel() * t.element_size() for t in packed)
+    info.node_name = new.name
+
+
+def quantize_linear(gm: fx.GraphModule) -> PassResult:
+    stats = {"rewritten": 0, "declined": 0}
+    for node, info in matmul_infos(gm):
+        if not info.selected or info.form is not None:
+            continue
+        rule = RULES.get(info.knobs.get("form"))
+        if rule is None:
+            info.decline(f"form {info.knobs.get('form')!r} has no rewrite rule in this pass")
+            stats["declined"] += 1
+            continue
+        reason = rule.check(info, info.knobs)
+        if reason is not None:
+            info.decline(reason)
+            stats["declined"] += 1
+            continue
+        _rewrite(gm, node, info, rule)
+        stats["rewritten"] += 1
+    changed = stats["rewritten"] > 0 or stats["declined"] > 0
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, changed, stats)
