@@ -126,21 +126,23 @@ def source_to_path(source_name: str) -> str:
     """
     import re
 
-    parts = re.findall(r"\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)", source_name)
-    names = [a or b for a, b in parts]
+    parts = re.findall(r"\['([^']+)'\]|\[(\d+)\]|\.([A-Za-z0-9_]+)", source_name)
+    names = [a or b or c for a, b, c in parts]
     if source_name.startswith("L[") and names:
-        names = names[1:]  # the root local: the compiled module or the function's argument
+        # Drop the root local (the compiled module, or the function argument holding it);
+        # a forward wrapped as f(*args) reaches the module as L['args'][0].
+        names = names[2:] if names[0] == "args" and len(names) > 1 and names[1].isdigit() else names[1:]
     drop = {"_modules", "_parameters", "_buffers", "_orig_mod"}
     return ".".join(n for n in names if n not in drop)
 
 
-def module_path_of(node: fx.Node) -> str:
-    """Best-effort module path of a node from its nn_module_stack, else the node's name."""
+def module_path_of(node: fx.Node) -> str | None:
+    """The module path a node was traced in (from its nn_module_stack), or None."""
     stack = node.meta.get("nn_module_stack")
     if stack:
         path, _ = list(stack.values())[-1]
-        return source_to_path(path) if "[" in path or path.startswith("L") else path
-    return node.name
+        return source_to_path(path) if "[" in path else path
+    return None
 
 
 def same_shape(a: Any, b: Any) -> bool:

@@ -88,7 +88,7 @@ def _emit_linear(gm, replaced, x, base, base_is_nk, bias) -> fx.Node:
 
 def _canonicalize(gm: fx.GraphModule, node: fx.Node) -> MatmulInfo:
     op = _MATMULS[node.target]
-    path = module_path_of(node)
+    path = module_path_of(node) or node.name
     matched = _match(node)
     if isinstance(matched, str):
         return MatmulInfo(path=path, op=op, reason=matched)
@@ -103,7 +103,9 @@ def _canonicalize(gm: fx.GraphModule, node: fx.Node) -> MatmulInfo:
     base_is_nk = (not is_kn) != transposed
     w_value = ref.value if base_is_nk else ref.value.t()
     weight = WeightRef(path=ref.path, value=w_value, trainable=ref.trainable)
-    layer_path = ref.path.rsplit(".", 1)[0] if "." in ref.path else path
+    # The module the matmul ran in names the layer (a tied lm_head reads the embedding's
+    # weight but is still lm_head); the weight's own path is the fallback.
+    layer_path = module_path_of(node) or (ref.path.rsplit(".", 1)[0] if "." in ref.path else ref.path)
 
     x = _unflattened(x2d) if op in ("mm", "addmm") else x2d
     out_view = _output_view(node, x) if x is not x2d else None

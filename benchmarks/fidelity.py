@@ -1,0 +1,358 @@
+"""Fidelity of qhl's quantized recipes on real models, against torchao and plain RTN, in one run.
+
+SmolLM2-135M on 4 x 512 tokens of ABC news (gensim lee_background.cor): logits SQNR (dB) against
+eager float32 and perplexity. MiniLM-L6 on 16 movie-review sentences (pang_lee_polarity.cor):
+cosine of mean-pooled token embeddings against float32. For each scheme (w8a16, w8a8, w4a16 g128
+symmetric) three implementations are measured on the same weights and tokens:
+
+  qhl      torch.compile(model, backend=qhl.backend(name)) under no_grad
+  torchao  quantize_(deepcopy(model), <equivalent config>) in eager
+  RTN      each nn.Linear but lm_head replaced by qhl.codegen.quant's float64 fake-quant reference
+
+lm_head and embeddings stay float everywhere (qhl's default skip list; the same filter is given
+to torchao and RTN). Writes benchmarks/results/fidelity.{json,md}.
+
+    .venv/bin/python benchmarks/fidelity.py [--n-seqs 4] [--seq-len 512] [--batch 1]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import math
+import os
+import pathlib
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch import nn
+
+import qhl
+from qhl.codegen import quant
+from qhl.metrics import perplexity, sqnr_db
+from qhl.models import load_minilm, load_smollm2, news_corpus_tokens, sentiment_sentences
+
+log = logging.getLogger("fidelity")
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+SCHEMES = ("w8a16", "w8a8", "w4a16")
+GROUP_SIZE = 128
+# Issue targets for SmolLM2 4x512: (logits SQNR dB, perplexity, allowed ppl rise over float32).
+FLOAT_PPL_TARGET = 30.88
+TARGETS = {"w8a16": (30.4, 30.80, 0.005), "w8a8": (20.1, 31.61, 0.03), "w4a16": (12.2, 34.5, 0.15)}
+# "At least as good as" is judged with a noise margin: qhl and RTN compute the same scheme, and
+# float32 vs float64 accumulation alone moves SQNR by a few hundredths of a dB.
+SQNR_MARGIN_DB, PPL_MARGIN = 0.1, 0.001
+
+
+# --- the three implementations of a scheme ---------------------------------------------------
+
+
+def qhl_backend(scheme: str) -> Any:
+    knobs = {"group_size": GROUP_SIZE, "symmetric": True} if scheme == "w4a16" else {}
+    return qhl.backend(scheme, **knobs)
+
+
+def _skip(fqn: str) -> bool:
+    # Mirrors qhl's DEFAULT_SKIP ("*embed*", "lm_head"): embeddings are not nn.Linear anyway.
+    return fqn == "lm_head" or fqn.endswith(".lm_head") or "embed" in fqn
+
+
+def torchao_config(scheme: str) -> tuple[Any, str]:
+    """torchao 0.18's config for a scheme on CPU, and a note saying what it is."""
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+    )
+    from torchao.quantization.granularity import PerGroup
+
+    if scheme == "w8a16":
+        return Int8WeightOnlyConfig(), "Int8WeightOnlyConfig()"
+    if scheme == "w8a8":
+        return Int8DynamicActivationInt8WeightConfig(), "Int8DynamicActivationInt8WeightConfig()"
+    # Int4WeightOnlyConfig has no CPU path in 0.18 (plain/preshuffled need the `mslk` package,
+    # tile_packed_to_4d needs CUDA, plain_int32 is XPU-only): probe it, then fall back to the
+    # generic IntxWeightOnlyConfig, which is the same math (int4 symmetric, group 128).
+    probe = nn.Sequential(nn.Linear(GROUP_SIZE, 8))
+    try:
+        from torchao.quantization import quantize_
+
+        quantize_(probe, Int4WeightOnlyConfig(group_size=GROUP_SIZE))
+        with torch.no_grad():
+            probe(torch.randn(1, GROUP_SIZE))
+        return Int4WeightOnlyConfig(group_size=GROUP_SIZE), f"Int4WeightOnlyConfig(group_size={GROUP_SIZE})"
+    except Exception as e:  # noqa: BLE001 - any failure means "no CPU path"; we report which
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        log.warning("torchao Int4WeightOnlyConfig does not run on CPU (%s); using IntxWeightOnlyConfig", why)
+        cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE))
+        return cfg, (
+            f"IntxWeightOnlyConfig(int4, PerGroup({GROUP_SIZE})) - Int4WeightOnlyConfig does not run on CPU ({why})"
+        )
+
+
+def torchao_model(model: nn.Module, scheme: str) -> tuple[nn.Module, str]:
+    from torchao.quantization import quantize_
+
+    cfg, note = torchao_config(scheme)
+    m = copy.deepcopy(model)
+    quantize_(m, cfg, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and not _skip(fqn))
+    return m.eval(), note
+
+
+class RTNLinear(nn.Module):
+    """nn.Linear computed by qhl's float64 fake-quant reference (round-to-nearest, no calibration)."""
+
+    def __init__(self, lin: nn.Linear, scheme: str):
+        super().__init__()
+        self.weight, self.bias, self.scheme = lin.weight, lin.bias, scheme
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        if self.scheme == "w8a8":
+            y = quant.fake_quant_w8a8_linear(x, w, b)
+        elif self.scheme == "w8a16":
+            y = quant.fake_quant_w8a16_linear(x, w, b)
+        else:
+            y = quant.fake_quant_w4a16_linear(x, w, b, GROUP_SIZE, symmetric=True)
+        return y.to(x.dtype)
+
+
+def rtn_model(model: nn.Module, scheme: str) -> nn.Module:
+    m = copy.deepcopy(model)
+    for name, mod in list(m.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            fqn = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not _skip(fqn):
+                setattr(mod, child_name, RTNLinear(child, scheme))
+    return m.eval()
+
+
+# --- running models ----------------------------------------------------------------------------
+
+
+def lm_logits(model: Callable[..., Any], tokens: torch.Tensor, batch: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(tokens[i : i + batch]).logits.float() for i in range(0, len(tokens), batch)])
+
+
+def mean_pooled(model: Callable[..., Any], enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state.float()
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    return (h * mask).sum(1) / mask.sum(1)  # mean over real tokens only, as sentence-transformers does
+
+
+def rewritten(be: Any) -> str:
+    layers = be.graphs[-1].layers if be.graphs else []
+    return f"{sum(1 for i in layers if i.form)}/{len(layers)}"
+
+
+def attempt(add: Callable[..., None], scheme: str, impl: str, run: Callable[[], torch.Tensor],
+            layers: Callable[[], str] = lambda: "") -> None:
+    """Run one implementation; a failure becomes a row that says so instead of ending the run."""
+    try:
+        out = run()
+    except Exception as e:  # noqa: BLE001 - reported in the table, never hidden
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
+        log.error("  %-7s %-8s FAILED: %s", scheme, impl, msg)
+        add(scheme, impl, None, error=msg)
+        return
+    add(scheme, impl, out, layers())
+
+
+def timed(label: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    out = fn()
+    log.info("%s: %.1fs", label, time.perf_counter() - t0)
+    return out
+
+
+def run_smollm2(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    model, tok = load_smollm2()
+    tokens = news_corpus_tokens(tok, args.n_seqs, args.seq_len)
+    ref = timed("SmolLM2 eager float32", lambda: lm_logits(model, tokens, args.batch))
+    ref_ppl = perplexity(ref, tokens)
+    rows = [dict(model="SmolLM2-135M", scheme="float32", impl="eager", sqnr_db=math.inf, ppl=ref_ppl, layers="")]
+    notes: dict[str, str] = {}
+
+    def add(scheme: str, impl: str, logits: torch.Tensor | None, layers: str = "", error: str = "") -> None:
+        if logits is None:
+            rows.append(dict(model="SmolLM2-135M", scheme=scheme, impl=impl, sqnr_db=math.nan, ppl=math.nan,
+                             layers=layers, error=error))
+            return
+        row = dict(model="SmolLM2-135M", scheme=scheme, impl=impl, sqnr_db=sqnr_db(ref, logits),
+                   ppl=perplexity(logits, tokens), layers=layers)
+        log.info("  %-7s %-8s SQNR %6.2f dB  ppl %.3f", scheme, impl, row["sqnr_db"], row["ppl"])
+        rows.append(row)
+
+    # qhl's "float" recipe captures and canonicalizes without quantizing: it must be lossless.
+    for scheme in ("float", *SCHEMES):
+        torch._dynamo.reset()  # one backend per compile; no cache entries shared across recipes
+        be = qhl_backend(scheme)
+        compiled = torch.compile(model, backend=be)
+        attempt(add, scheme, "qhl", lambda: timed(f"SmolLM2 qhl {scheme} (compile + run)",
+                                                  lambda: lm_logits(compiled, tokens, args.batch)), lambda: rewritten(be))
+        del compiled
+    torch._dynamo.reset()
+    for scheme in SCHEMES:
+        m, notes[scheme] = torchao_model(model, scheme)
+        attempt(add, scheme, "torchao", lambda: timed(f"SmolLM2 torchao {scheme}", lambda: lm_logits(m, tokens, args.batch)))
+        m = rtn_model(model, scheme)
+        attempt(add, scheme, "RTN", lambda: timed(f"SmolLM2 RTN {scheme}", lambda: lm_logits(m, tokens, args.batch)))
+        del m
+    return rows, notes
+
+
+def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
+    model, tok = load_minilm()
+    enc = dict(tok(sentiment_sentences(args.n_sentences), padding=True, return_tensors="pt"))
+    ref = mean_pooled(model, enc)
+    rows = []
+
+    def add(scheme: str, impl: str, emb: torch.Tensor | None, layers: str = "", error: str = "") -> None:
+        if emb is None:
+            rows.append(dict(model="MiniLM-L6", scheme=scheme, impl=impl, cos_mean=math.nan, cos_min=math.nan,
+                             sqnr_db=math.nan, layers=layers, error=error))
+            return
+        cos = torch.nn.functional.cosine_similarity(ref.double(), emb.double(), dim=-1)
+        rows.append(dict(model="MiniLM-L6", scheme=scheme, impl=impl, cos_mean=cos.mean().item(),
+                         cos_min=cos.min().item(), sqnr_db=sqnr_db(ref, emb), layers=layers))
+        log.info("  %-7s %-8s cos mean %.5f min %.5f", scheme, impl, rows[-1]["cos_mean"], rows[-1]["cos_min"])
+
+    for scheme in SCHEMES:
+        torch._dynamo.reset()
+        be = qhl_backend(scheme)
+        compiled = torch.compile(model, backend=be)
+        attempt(add, scheme, "qhl", lambda: timed(f"MiniLM qhl {scheme}", lambda: mean_pooled(compiled, enc)),
+                lambda: rewritten(be))
+        torch._dynamo.reset()
+        m, _ = torchao_model(model, scheme)
+        attempt(add, scheme, "torchao", lambda: mean_pooled(m, enc))
+        attempt(add, scheme, "RTN", lambda: mean_pooled(rtn_model(model, scheme), enc))
+    return rows
+
+
+# --- judging and reporting ---------------------------------------------------------------------
+
+
+def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each issue target as (what, measured, wanted, ok)."""
+    by = {(r["scheme"], r["impl"]): r for r in rows}
+    f32 = by[("float32", "eager")]["ppl"]
+    out = [dict(what="float32 ppl", measured=f32, wanted=f"~{FLOAT_PPL_TARGET}", ok=abs(f32 - FLOAT_PPL_TARGET) < 0.05)]
+    for scheme, (t_sqnr, t_ppl, rise) in TARGETS.items():
+        q = by[(scheme, "qhl")]
+        out.append(dict(what=f"{scheme} ppl rise over float32", measured=q["ppl"] / f32 - 1,
+                        wanted=f"<= {rise:.1%} (issue ppl {t_ppl})", ok=q["ppl"] <= f32 * (1 + rise)))
+        out.append(dict(what=f"{scheme} logits SQNR", measured=q["sqnr_db"], wanted=f">= {t_sqnr} dB (issue)",
+                        ok=q["sqnr_db"] >= t_sqnr - SQNR_MARGIN_DB))
+        for peer in ("RTN", "torchao"):
+            p = by[(scheme, peer)]
+            ok = q["sqnr_db"] >= p["sqnr_db"] - SQNR_MARGIN_DB and q["ppl"] <= p["ppl"] * (1 + PPL_MARGIN)
+            out.append(dict(what=f"{scheme} qhl vs {peer}", measured=f"{q['sqnr_db']:.2f} dB / {q['ppl']:.3f}",
+                            wanted=f">= {p['sqnr_db']:.2f} dB / <= {p['ppl']:.3f}", ok=ok))
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torchao
+    import transformers
+
+    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                torchao=torchao.__version__, transformers=transformers.__version__, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def fmt(v: Any, nd: int = 2) -> str:
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.{nd}f}"
+    return str(v)
+
+
+def _note(row: dict[str, Any]) -> str:
+    return f"FAILED: {row['error']}".replace("|", "/") if row.get("error") else row["layers"]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, a = result["machine"], result["args"]
+    lines = [
+        f"### Fidelity (qhl vs torchao vs RTN) - {m['date']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, "
+        f"torchao {m['torchao']}, transformers {m['transformers']}.",
+        "",
+        f"**SmolLM2-135M-Instruct**, {a['n_seqs']}x{a['seq_len']} tokens of gensim `lee_background.cor`; "
+        "logits SQNR vs eager float32, perplexity. lm_head and embeddings stay float.",
+        "",
+        "| scheme | impl | logits SQNR (dB) | perplexity | ppl vs fp32 | qhl layers rewritten / error |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    f32 = result["smollm2"][0]["ppl"]
+    for r in result["smollm2"]:
+        lines.append(f"| {r['scheme']} | {r['impl']} | {fmt(r['sqnr_db'])} | {r['ppl']:.3f} | "
+                     f"{(r['ppl'] / f32 - 1):+.2%} | {_note(r)} |")
+    lines += ["", f"**all-MiniLM-L6-v2**, {a['n_sentences']} sentences of `pang_lee_polarity.cor`; "
+              "cosine of mean-pooled token embeddings vs float32.", "",
+              "| scheme | impl | cosine mean | cosine min | embedding SQNR (dB) | qhl layers rewritten / error |",
+              "|---|---|---:|---:|---:|---|"]
+    for r in result["minilm"]:
+        lines.append(f"| {r['scheme']} | {r['impl']} | {r['cos_mean']:.5f} | {r['cos_min']:.5f} | "
+                     f"{fmt(r['sqnr_db'])} | {_note(r)} |")
+    lines += ["", "torchao configs: " + "; ".join(f"{k}: {v}" for k, v in result["torchao_configs"].items()),
+              "", "| check | measured | wanted | ok |", "|---|---|---|---|"]
+    for c in result["checks"]:
+        meas = f"{c['measured']:+.2%}" if "rise" in c["what"] else fmt(c["measured"], 3)
+        lines.append(f"| {c['what']} | {meas} | {c['wanted']} | {'yes' if c['ok'] else '**NO**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(v: Any) -> Any:
+    """JSON has no inf/nan: the float32 row's infinite SQNR is written as null."""
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n-seqs", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1, help="sequences per forward (memory vs speed)")
+    ap.add_argument("--n-sentences", type=int, default=16)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    t0 = time.perf_counter()
+    smol, notes = run_smollm2(args)
+    mini = run_minilm(args)
+    result = dict(machine=machine(), args=vars(args), smollm2=smol, minilm=mini, torchao_configs=notes,
+                  checks=checks(smol), seconds=time.perf_counter() - t0)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    md = markdown(result)
+    (RESULTS / "fidelity.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    (RESULTS / "fidelity.md").write_text(md)
+    print(md)
+    failed = [c["what"] for c in result["checks"] if not c["ok"]]
+    if failed:
+        log.warning("targets missed: %s", failed)
+    log.info("wrote %s and %s (%.0fs)", RESULTS / "fidelity.json", RESULTS / "fidelity.md", result["seconds"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""CPU speed of qhl's compiled quantized matmuls against eager float32 and torchao, in one run.
+
+(a) four nn.Linear(4096, 4096) in a row at 1/64/256/512 tokens: eager float32, qhl w8a8
+    (`torch.compile(backend="qhl")`), torchao Int8DynamicActivationInt8WeightConfig + inductor.
+(b) qhl w8a16 and w4a16 (g128) on the same stack at 1 token, against eager float32.
+(c) wall-clock of SmolLM2-135M's first call under qhl w8a8 (capture + passes + packing).
+
+Every timing is the whole compiled call (per-token quantization prologue, GEMM and dequantize
+epilogue included), under no_grad, after warmup, as the median of >= 7 runs. Variants are timed
+round-robin (one call of each in turn) so that a noisy neighbour slows all of them alike.
+Writes benchmarks/results/speed_cpu.{json,md}.
+
+    .venv/bin/python benchmarks/speed.py [--quick] [--reps 9]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import math
+import os
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch import nn
+
+import qhl
+from qhl.metrics import sqnr_db
+
+log = logging.getLogger("speed")
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+WIDTH, DEPTH = 4096, 4
+
+
+def stack() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH)]).eval()
+
+
+def compile_qhl(model: nn.Module, recipe: str, **knobs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    # dynamic=False: one specialised graph per token count, for qhl and inductor alike.
+    return torch.compile(model, backend="qhl", options={"recipe": recipe, **knobs}, dynamic=False)
+
+
+def compile_torchao(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    m = copy.deepcopy(model)
+    quantize_(m, Int8DynamicActivationInt8WeightConfig())
+    return torch.compile(m, dynamic=False)
+
+
+def bench(fns: dict[str, Callable[[], Any]], warmup: int, reps: int) -> dict[str, dict[str, float]]:
+    """Median/min ms per variant; the first call (compile) is timed separately. Failures -> error."""
+    out: dict[str, dict[str, Any]] = {}
+    live = {}
+    for name, fn in fns.items():
+        try:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            out[name] = {"first_call_s": time.perf_counter() - t0}
+            with torch.no_grad():
+                for _ in range(warmup):
+                    fn()
+            live[name] = fn
+        except Exception as e:  # noqa: BLE001 - a variant that fails is reported, not hidden
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
+            log.error("%s FAILED: %s", name, msg)
+            out[name] = {"error": msg, "median_ms": math.nan}
+    times: dict[str, list[float]] = {n: [] for n in live}
+    with torch.no_grad():
+        for _ in range(reps):
+            for name, fn in live.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    for name, ts in times.items():
+        out[name].update(median_ms=statistics.median(ts), min_ms=min(ts), runs=len(ts))
+    return out
+
+
+def part_a(tokens: list[int], warmup: int, reps: int) -> list[dict[str, Any]]:
+    model = stack()
+    qhl_c = compile_qhl(model, "w8a8")
+    ao_c = compile_torchao(model)
+    rows = []
+    for m in tokens:
+        x = torch.randn(m, WIDTH)
+        log.info("(a) %d tokens: compiling and timing eager / qhl w8a8 / torchao int8dq", m)
+        r = bench({"eager": lambda: model(x), "qhl": lambda: qhl_c(x), "torchao": lambda: ao_c(x)}, warmup, reps)
+        with torch.no_grad():
+            ref = model(x)
+            for name, fn in (("qhl", qhl_c), ("torchao", ao_c)):
+                if "error" not in r[name]:
+                    r[name]["sqnr_db"] = sqnr_db(ref, fn(x))
+        e, q, t = (r[k]["median_ms"] for k in ("eager", "qhl", "torchao"))
+        rows.append(dict(tokens=m, results=r, qhl_speedup_vs_eager=e / q, torchao_speedup_vs_eager=e / t,
+                         qhl_vs_torchao=t / q))
+        log.info("    eager %.2f ms | qhl %.2f ms (%.2fx) | torchao %.2f ms (%.2fx) | qhl/torchao speed %.2fx",
+                 e, q, e / q, t, e / t, t / q)
+    return rows
+
+
+def part_b(warmup: int, reps: int) -> dict[str, Any]:
+    model = stack()
+    x = torch.randn(1, WIDTH)
+    fns: dict[str, Callable[[], Any]] = {"eager": lambda: model(x)}
+    compiled = {"w8a16": compile_qhl(model, "w8a16"), "w4a16": compile_qhl(model, "w4a16", group_size=128)}
+    for name, c in compiled.items():
+        fns[f"qhl {name}"] = lambda c=c: c(x)
+    log.info("(b) 1 token: eager / qhl w8a16 / qhl w4a16 (g128)")
+    r = bench(fns, warmup, reps)
+    with torch.no_grad():
+        ref = model(x)
+        for name, c in compiled.items():
+            if "error" not in r[f"qhl {name}"]:
+                r[f"qhl {name}"]["sqnr_db"] = sqnr_db(ref, c(x))
+    e = r["eager"]["median_ms"]
+    for name in compiled:
+        q = r[f"qhl {name}"]
+        q["speedup_vs_eager"] = e / q["median_ms"]
+        log.info("    eager %.2f ms | qhl %s %.2f ms (%.2fx)", e, name, q["median_ms"], q["speedup_vs_eager"])
+    return dict(tokens=1, results=r)
+
+
+def part_c() -> dict[str, Any]:
+    """First-call wall-clock of SmolLM2 under qhl w8a8 (Dynamo capture + AOT + passes + packing)."""
+    from qhl.models import load_smollm2, news_corpus_tokens
+
+    model, tok = load_smollm2()
+    ids = news_corpus_tokens(tok, 1, 128)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(ids)
+        eager_s = time.perf_counter() - t0
+        torch._dynamo.reset()
+        be = qhl.backend("w8a8")
+        compiled = torch.compile(model, backend=be)
+        t0 = time.perf_counter()
+        compiled(ids)
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled(ids)
+        second_s = time.perf_counter() - t0
+    layers = be.graphs[-1].layers if be.graphs else []
+    out = dict(tokens=list(ids.shape), first_call_s=first_s, second_call_s=second_s, eager_call_s=eager_s,
+               qhl_passes_s=sum(g.seconds for g in be.graphs), graphs=len(be.graphs),
+               rewritten=f"{sum(1 for i in layers if i.form)}/{len(layers)}")
+    log.info("(c) SmolLM2 qhl w8a8 first call %.1fs (qhl passes %.1fs), second call %.3fs, eager %.3fs",
+             first_s, out["qhl_passes_s"], second_s, eager_s)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torchao
+
+    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                torchao=torchao.__version__, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def _ms(r: dict[str, Any]) -> str:
+    return f"FAILED ({r['error']})".replace("|", "/") if "error" in r else f"{r['median_ms']:.2f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        f"### CPU speed - {m['date']}", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, "
+        f"torchao {m['torchao']}. Median of {res['args']['reps']} runs after {res['args']['warmup']} warmup calls, "
+        "whole compiled call timed (activation quantization and dequantization included).", "",
+        f"**(a) {DEPTH} x nn.Linear({WIDTH}, {WIDTH}), w8a8**", "",
+        "| tokens | eager fp32 (ms) | qhl w8a8 (ms) | torchao int8dq + inductor (ms) | qhl vs eager | "
+        "torchao vs eager | qhl vs torchao | SQNR qhl / torchao (dB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in res["a"]:
+        r = row["results"]
+        lines.append(
+            f"| {row['tokens']} | {_ms(r['eager'])} | {_ms(r['qhl'])} | {_ms(r['torchao'])} | "
+            f"{row['qhl_speedup_vs_eager']:.2f}x | {row['torchao_speedup_vs_eager']:.2f}x | {row['qhl_vs_torchao']:.2f}x | "
+            f"{r['qhl'].get('sqnr_db', math.nan):.1f} / {r['torchao'].get('sqnr_db', math.nan):.1f} |")
+    lines += ["", "qhl vs torchao > 1 means qhl is faster.", "",
+              "**(b) weight-only at 1 token**", "", "| variant | ms | vs eager fp32 | SQNR (dB) |", "|---|---:|---:|---:|"]
+    for name, r in res["b"]["results"].items():
+        sp = "1.00x" if name == "eager" else f"{r.get('speedup_vs_eager', math.nan):.2f}x"
+        lines.append(f"| {name} | {_ms(r)} | {sp} | {r.get('sqnr_db', math.nan):.1f} |")
+    c = res.get("c")
+    lines += ["", "**(c) SmolLM2-135M compile under qhl w8a8**", ""]
+    if c:
+        lines.append(f"First call (1x128 tokens, capture + AOTAutograd + passes + weight packing + run): "
+                     f"{c['first_call_s']:.1f} s, of which qhl passes {c['qhl_passes_s']:.1f} s; second call "
+                     f"{c['second_call_s'] * 1e3:.0f} ms; eager float32 call {c['eager_call_s'] * 1e3:.0f} ms; "
+                     f"{c['rewritten']} matmuls rewritten.")
+    else:
+        lines.append("skipped (--quick)")
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 and 64 tokens, 7 runs, no SmolLM2 compile")
+    ap.add_argument("--reps", type=int, default=None, help="timed runs per variant (>= 7)")
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args.reps = max(7, args.reps or (7 if args.quick else 11))
+    tokens = [1, 64] if args.quick else [1, 64, 256, 512]
+    t0 = time.perf_counter()
+    res: dict[str, Any] = dict(machine=machine(), args=vars(args))
+    res["a"] = part_a(tokens, args.warmup, args.reps)
+    res["b"] = part_b(args.warmup, args.reps)
+    res["c"] = None if args.quick else part_c()
+    res["seconds"] = time.perf_counter() - t0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    md = markdown(res)
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"speed_cpu{suffix}.json").write_text(json.dumps(_json_safe(res), indent=2) + "\n")
+    (RESULTS / f"speed_cpu{suffix}.md").write_text(md)
+    print(md)
+    log.info("wrote %s (%.0fs)", RESULTS / f"speed_cpu{suffix}.{{json,md}}", res["seconds"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""W8A8 linear as Triton kernels (the kernel face of qhl::w8a8_linear).
+
+    xq, s_x = Q(x)                                x [M, K] float -> int8 [M, K], float32 [M]
+    acc     = xq @ Wq.T                           int8 x int8 -> int32, exact
+    y       = acc * s_x[:, None] * s_w[None, :] (+ b)   float32 epilogue, stored in x's dtype
+
+Wq [N, K] int8 and s_w [N] float32 come from quant.quantize_int8_per_channel. Q is the per-token
+quantizer (codegen/triton/per_token_quant.py), embedded in the same rendered module as a
+prologue kernel: quantizing x once and reusing it for every N-block is cheaper than
+re-quantizing x inside each GEMM program. int8 products summed in int32 are exact (|sum| <=
+127 * 127 * K fits for K < 133,000), so the kernel matches the spec's torch._int_mm bit for bit
+up to the float32 epilogue, where a GPU may fuse the bias add into an FMA (one rounding less).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qhl.codegen.triton import emit, per_token_quant
+from qhl.errors import KernelError
+
+__all__ = ["w8a8_linear_triton", "render"]
+
+TEMPLATE = '''
+
+@triton.jit
+def {name}(
+    xq_ptr,  # *xq [M, K] int8: the per-token quantized activations
+    xs_ptr,  # *s_x [M] float32: their scales
+    w_ptr,  # *Wq [N, K] int8
+    ws_ptr,  # *s_w [N] float32
+    b_ptr,  # *bias [N] (read only when the epilogue adds one)
+    y_ptr,  # *y [M, N], x's dtype (out)
+    M,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_ws, stride_b,
+    stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr,  # chosen at launch from M, the only size not known at codegen
+):
+    # --- specialisation (baked in by qhl codegen) ---
+    K: tl.constexpr = {K}
+    N: tl.constexpr = {N}
+    BLOCK_N: tl.constexpr = {block_n}
+    BLOCK_K: tl.constexpr = {block_k}
+
+    # --- the [BLOCK_M, BLOCK_N] tile of y this program computes ---
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # Wq is [N, K]: read it as its transpose [BLOCK_K, BLOCK_N], K contiguous, no copy.
+    xq_ptrs = xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+
+    # --- main loop: int8 x int8 -> int32, exact, so the order of the K steps does not matter ---
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(xq_ptrs, mask=mask_m[:, None]{x_kmask}, other=0)
+        b = tl.load(w_ptrs, mask=mask_n[None, :]{w_kmask}, other=0)
+        acc = tl.dot(a, b, acc)
+        xq_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # --- epilogue: dequantize in the spec's order, (acc * s_x) * s_w, in float32 ---
+    xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
+    ws = tl.load(ws_ptr + offs_n * stride_ws, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+{epilogue}
+'''
+
+
+def render(spec: emit.KernelSpec) -> str:
+    """Prologue (per-token quant for this K) + GEMM (this K, N, blocks, epilogue, dtype)."""
+    quant_spec = emit.make_spec("per_token_quant", spec.K, dtype=spec.dtype)
+    return per_token_quant.render_kernel(quant_spec, f"{spec.name}_quant") + TEMPLATE.format(
+        name=spec.name,
+        K=spec.K,
+        N=spec.N,
+        block_n=spec.block_n,
+        block_k=spec.block_k,
+        x_kmask=emit.k_mask(spec, "offs_k[None, :]"),
+        w_kmask=emit.k_mask(spec, "offs_k[:, None]"),
+        epilogue=emit.render_epilogue(spec),
+    )
+
+
+def _validate(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> None:
+    op = "w8a8_linear"
+    emit.check_tensor(op, "w_int8", w_int8, (torch.int8,))
+    if w_int8.dim() != 2 or 0 in w_int8.shape:
+        raise KernelError(f"{op}: w_int8 must be a non-empty [N, K] matrix, got shape {list(w_int8.shape)}")
+    N, K = w_int8.shape
+    emit.check_tensor(op, "x", x, tuple(emit.DTYPES))
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise KernelError(f"{op}: x must be [..., K={K}] to match w_int8 [N={N}, K={K}], got {list(x.shape)}")
+    emit.check_tensor(op, "w_scale", w_scale, (torch.float32,), (N,))
+    if bias is not None:
+        emit.check_tensor(op, "bias", bias, tuple(emit.DTYPES), (N,))
+    emit.check_device(op, x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
+
+
+def w8a8_linear_triton(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """y [..., N] = dequant(Q(x) @ Wq.T) (+ b), in x's dtype; see the module docstring."""
+    _validate(x, w_int8, w_scale, bias)
+    N, K = w_int8.shape
+    spec = emit.make_spec("w8a8", K, N, x.dtype, has_bias=bias is not None)
+    module = emit.load(spec)
+
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y.reshape(*x.shape[:-1], N)
+    xq, xs = per_token_quant.launch(getattr(module, f"{spec.name}_quant"), x2)
+
+    block_m = emit.block_m_for(M)
+    grid = ((M + block_m - 1) // block_m, (N + spec.block_n - 1) // spec.block_n)
+    getattr(module, spec.name)[grid](
+        xq, xs, w_int8, w_scale, bias, y,
+        M,
+        xq.stride(0), xq.stride(1),
+        w_int8.stride(0), w_int8.stride(1),
+        w_scale.stride(0), bias.stride(0) if bias is not None else 0,
+        y.stride(0), y.stride(1),
+        BLOCK_M=block_m,
+    )
+    return y.reshape(*x.shape[:-1], N)

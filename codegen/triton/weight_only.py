@@ -1,0 +1,212 @@
+"""Weight-only quantized linears as dequantizing GEMMs (kernel faces of qhl::w8a16_linear and
+qhl::w4a16_linear). x [M, K] float, y [M, N] in x's dtype, fp32 accumulation.
+
+    w8a16:  y = (x @ Wq.T) * s_w[None, :] (+ b)       Wq [N, K] int8, s_w [N] float32
+    w4a16:  y = sum over k-blocks of (x_blk @ (C_blk - z).T) * s[:, g(blk)] (+ b)
+            C [N, K] 4-bit codes packed two per byte along K (byte k // 2, low nibble = even k),
+            s [N, K/G] float32, z [N, K/G] uint8, G the group size
+
+Why the scales sit outside the dot: int8 codes and (code - zero) in [-15, 15] are exact in fp16,
+bf16 and fp32, so the dot multiplies exact operands and only the fp32 sums round; the scale is
+applied once per output (w8a16) or once per k-block (w4a16: BLOCK_K divides G, so a k-block
+lies inside one group and shares one scale per column). That is the spec's math up to fp32
+summation order. fp32 inputs dot with input_precision="ieee": TF32 would round x to 10 bits.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qhl.codegen.triton import emit
+from qhl.errors import KernelError
+
+__all__ = ["w8a16_linear_triton", "w4a16_linear_triton", "render"]
+
+# The parts both templates share: tile indexing before the loop, the loop's x load after it.
+_HEAD = '''
+
+@triton.jit
+def {name}(
+{args}
+    M,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+{strides}
+    stride_b,
+    stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr,  # chosen at launch from M, the only size not known at codegen
+):
+    # --- specialisation (baked in by qhl codegen) ---
+    K: tl.constexpr = {K}
+    N: tl.constexpr = {N}
+{extra_constants}    BLOCK_N: tl.constexpr = {block_n}
+    BLOCK_K: tl.constexpr = {block_k}
+
+    # --- the [BLOCK_M, BLOCK_N] tile of y this program computes ---
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+'''
+
+W8A16_TEMPLATE = _HEAD + '''\
+    # Wq is [N, K]: read it as its transpose [BLOCK_K, BLOCK_N], K contiguous, no copy.
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+
+    # --- main loop: int8 codes are exact in {dot_dtype}, so only the fp32 sums round ---
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=mask_m[:, None]{x_kmask}, other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[None, :]{w_kmask}, other=0)
+        acc = tl.dot(x{x_cast}, w.to({dot_dtype}), acc{precision})
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # --- epilogue: the per-channel scale, once per output ---
+    ws = tl.load(ws_ptr + offs_n * stride_ws, mask=mask_n, other=0.0)
+    y = acc * ws[None, :]
+{epilogue}
+'''
+
+W4A16_TEMPLATE = _HEAD + '''\
+    # Two codes per byte along K: code k is in byte k // 2, the low nibble when k is even.
+    w_ptrs = w_ptr + (offs_k[:, None] // 2) * stride_wk + offs_n[None, :] * stride_wn
+    shifts = (offs_k[:, None] % 2) * 4
+
+    # --- main loop: one k-block lies in one group (BLOCK_K divides GROUP_SIZE, and K is a
+    # multiple of GROUP_SIZE, so there is no K tail); (code - zero) is exact in {dot_dtype} ---
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+        packed = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+        codes = (packed.to(tl.int32) >> shifts) & 0xF
+        g = k0 // GROUP_SIZE
+        scale = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
+        zero = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0)
+        w = (codes - zero.to(tl.int32)[None, :]).to({dot_dtype})
+        acc += tl.dot(x{x_cast}, w{precision}) * scale[None, :]
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += (BLOCK_K // 2) * stride_wk
+
+    # --- epilogue ---
+    y = acc
+{epilogue}
+'''
+
+_W8A16_ARGS = dict(
+    args="    x_ptr,  # *x [M, K] float\n    w_ptr,  # *Wq [N, K] int8\n    ws_ptr,  # *s_w [N] float32\n"
+    "    b_ptr,  # *bias [N] (read only when the epilogue adds one)\n    y_ptr,  # *y [M, N] (out)",
+    strides="    stride_ws,",
+    extra_constants="",
+)
+_W4A16_ARGS = dict(
+    args="    x_ptr,  # *x [M, K] float\n    w_ptr,  # *packed [N, K // 2] uint8\n"
+    "    s_ptr,  # *scale [N, K // GROUP_SIZE] float32\n    z_ptr,  # *zero [N, K // GROUP_SIZE] uint8\n"
+    "    b_ptr,  # *bias [N] (read only when the epilogue adds one)\n    y_ptr,  # *y [M, N] (out)",
+    strides="    stride_sn, stride_sg,\n    stride_zn, stride_zg,",
+    extra_constants="    GROUP_SIZE: tl.constexpr = {group_size}\n",
+)
+
+
+def render(spec: emit.KernelSpec) -> str:
+    """The w8a16 or w4a16 GEMM specialised for spec (K, N, group, blocks, epilogue, dtype)."""
+    if spec.family == "w8a16":
+        template, parts = W8A16_TEMPLATE, dict(_W8A16_ARGS)
+    elif spec.family == "w4a16":
+        template, parts = W4A16_TEMPLATE, dict(_W4A16_ARGS)
+        parts["extra_constants"] = parts["extra_constants"].format(group_size=spec.group_size)
+    else:
+        raise KernelError(f"weight_only renders w8a16 and w4a16, not {spec.family!r}")
+    return template.format(
+        name=spec.name,
+        K=spec.K,
+        N=spec.N,
+        block_n=spec.block_n,
+        block_k=spec.block_k,
+        dot_dtype=spec.dot_dtype,
+        # In the interpreter bf16 dots are wrong (triton#11584): dot bf16 x as fp32 there.
+        x_cast=".to(tl.float32)" if spec.dot_dtype != spec.tl_dtype else "",
+        precision=spec.dot_precision,
+        x_kmask=emit.k_mask(spec, "offs_k[None, :]"),
+        w_kmask=emit.k_mask(spec, "offs_k[:, None]"),
+        epilogue=emit.render_epilogue(spec),
+        **parts,
+    )
+
+
+def _check_x(op: str, x: Tensor, N: int, K: int, bias: Optional[Tensor]) -> None:
+    emit.check_tensor(op, "x", x, tuple(emit.DTYPES))
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise KernelError(f"{op}: x must be [..., K={K}] to match the weight's [N={N}, K={K}], got {list(x.shape)}")
+    if bias is not None:
+        emit.check_tensor(op, "bias", bias, tuple(emit.DTYPES), (N,))
+
+
+def _launch(spec: emit.KernelSpec, x: Tensor, weights: tuple, strides: tuple, bias: Optional[Tensor]) -> Tensor:
+    """Allocate y and run the rendered kernel over a (M-blocks, N-blocks) grid."""
+    K, N = spec.K, spec.N
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M > 0:
+        kernel = getattr(emit.load(spec), spec.name)
+        block_m = emit.block_m_for(M)
+        grid = ((M + block_m - 1) // block_m, (N + spec.block_n - 1) // spec.block_n)
+        w = weights[0]
+        kernel[grid](
+            x2, *weights, bias, y,
+            M,
+            x2.stride(0), x2.stride(1),
+            w.stride(0), w.stride(1),
+            *strides,
+            bias.stride(0) if bias is not None else 0,
+            y.stride(0), y.stride(1),
+            BLOCK_M=block_m,
+        )
+    return y.reshape(*x.shape[:-1], N)
+
+
+def w8a16_linear_triton(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """y [..., N] = (x @ Wq.T) * s_w (+ b) in x's dtype; see the module docstring."""
+    op = "w8a16_linear"
+    emit.check_tensor(op, "w_int8", w_int8, (torch.int8,))
+    if w_int8.dim() != 2 or 0 in w_int8.shape:
+        raise KernelError(f"{op}: w_int8 must be a non-empty [N, K] matrix, got shape {list(w_int8.shape)}")
+    N, K = w_int8.shape
+    _check_x(op, x, N, K, bias)
+    emit.check_tensor(op, "w_scale", w_scale, (torch.float32,), (N,))
+    emit.check_device(op, x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
+    spec = emit.make_spec("w8a16", K, N, x.dtype, has_bias=bias is not None)
+    return _launch(spec, x, (w_int8, w_scale), (w_scale.stride(0),), bias)
+
+
+def w4a16_linear_triton(
+    x: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    group_size: int,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """y [..., N] = x @ ((C - z) * s).T (+ b) in x's dtype; see the module docstring."""
+    op = "w4a16_linear"
+    emit.check_tensor(op, "packed", packed, (torch.uint8,))
+    if packed.dim() != 2 or 0 in packed.shape:
+        raise KernelError(f"{op}: packed must be a non-empty [N, K // 2] uint8 matrix, got {list(packed.shape)}")
+    N, K = packed.shape[0], packed.shape[1] * 2
+    if group_size <= 0 or K % group_size:
+        raise KernelError(f"{op}: group_size={group_size} must divide K={K} (packed is [N={N}, K/2={K // 2}])")
+    _check_x(op, x, N, K, bias)
+    groups = (N, K // group_size)
+    emit.check_tensor(op, "scale", scale, (torch.float32,), groups)
+    emit.check_tensor(op, "zero", zero, (torch.uint8,), groups)
+    emit.check_device(op, x=x, packed=packed, scale=scale, zero=zero, bias=bias)
+    spec = emit.make_spec("w4a16", K, N, x.dtype, has_bias=bias is not None, group_size=group_size)
+    strides = (scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1))
+    return _launch(spec, x, (packed, scale, zero), strides, bias)

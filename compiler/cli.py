@@ -1,0 +1,144 @@
+"""The qhl command line: `qhl inspect | demo | recipes`.
+
+    qhl inspect mypkg.models:make --recipe w4a16 --knob group_size=64 --html report.html
+    qhl demo --recipe w8a8
+    qhl recipes
+
+`inspect` takes a `module:factory` whose factory returns (model, example_inputs).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("qhl.cli")
+
+
+def _setup_logging(verbose: bool) -> None:
+    try:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, show_time=False)
+    except ImportError:  # rich is a dependency, but logging must never be what fails
+        handler = logging.StreamHandler(sys.stderr)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
+    for noisy in ("torch", "transformers", "torchao", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _parse_knob(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--knob expects NAME=VALUE, got {text!r}")
+    name, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return name, value
+
+
+def _load_factory(spec: str):
+    from qhl.errors import UnsupportedError
+
+    if ":" not in spec:
+        raise UnsupportedError(f"expected MODULE:FACTORY (e.g. mypkg.models:make_model), got {spec!r}")
+    module_name, attr = spec.split(":", 1)
+    sys.path.insert(0, "")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UnsupportedError(f"cannot load {spec!r}: {e}") from e
+    made = factory()
+    if not (isinstance(made, tuple) and len(made) == 2):
+        raise UnsupportedError(f"{spec} must return (model, example_inputs); got {type(made).__name__}")
+    model, example_inputs = made
+    return model, example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import qhl
+
+    model, example_inputs = _load_factory(args.target)
+    report = qhl.inspect(model, example_inputs, recipe=args.recipe, verify=args.verify or None, **dict(args.knob))
+    print(report)
+    if args.show_graphs:
+        for p in report.passes:
+            print(f"\n--- {p.name}: after ---\n{p.after}")
+    if args.show_kernels:
+        for path, src in report.kernel_sources().items():
+            print(f"\n--- Triton source for {path} ---\n{src}")
+    if args.html:
+        report.to_html(args.html)
+        log.info("wrote %s", args.html)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(report.to_json())
+        log.info("wrote %s", args.json)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from qhl.demo import run_demo
+
+    run_demo(recipe_name=args.recipe, seq_len=args.seq_len, runs=args.runs, html=args.html)
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    import qhl
+
+    for name in qhl.recipes():
+        r = qhl.recipe(name)
+        print(f"{name:<8} {r.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qhl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="rewrite a model and print the layer report")
+    p.add_argument("target", help="MODULE:FACTORY returning (model, example_inputs)")
+    p.add_argument("--recipe", default="w8a8", help="preset name (see `qhl recipes`)")
+    p.add_argument("--knob", action="append", type=_parse_knob, default=[], metavar="NAME=VALUE",
+                   help="recipe knob, e.g. group_size=64 (repeatable; VALUE is JSON)")
+    p.add_argument("--verify", action="store_true", help="check each pass numerically on the example inputs")
+    p.add_argument("--html", help="write a self-contained HTML report here")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--show-graphs", action="store_true", help="print each pass's output graph")
+    p.add_argument("--show-kernels", action="store_true", help="print the Triton source emitted per layer")
+    p.set_defaults(fn=_cmd_inspect)
+
+    p = sub.add_parser("demo", help="compile SmolLM2-135M and report fidelity and speed vs float32")
+    p.add_argument("--recipe", default="w8a8")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--runs", type=int, default=5, help="timed runs (median is reported)")
+    p.add_argument("--html", help="also write the layer report as HTML here")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("recipes", help="list the preset recipes")
+    p.set_defaults(fn=_cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from qhl.errors import QhlError
+
+    try:
+        return args.fn(args)
+    except QhlError as e:
+        log.error("%s: %s", type(e).__name__, e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
