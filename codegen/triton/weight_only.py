@@ -100,15 +100,23 @@ W4A16_TEMPLATE = _HEAD + '''\
 '''
 
 _W8A16_ARGS = dict(
-    args="    x_ptr,  # *x [M, K] float\n    w_ptr,  # *Wq [N, K] int8\n    ws_ptr,  # *s_w [N] float32\n"
-    "    b_ptr,  # *bias [N] (read only when the epilogue adds one)\n    y_ptr,  # *y [M, N] (out)",
+    args="""\
+    x_ptr,  # *x [M, K] float
+    w_ptr,  # *Wq [N, K] int8
+    ws_ptr,  # *s_w [N] float32
+    b_ptr,  # *bias [N] (read only when the epilogue adds one)
+    y_ptr,  # *y [M, N], x's dtype (out)""",
     strides="    stride_ws,",
     extra_constants="",
 )
 _W4A16_ARGS = dict(
-    args="    x_ptr,  # *x [M, K] float\n    w_ptr,  # *packed [N, K // 2] uint8\n"
-    "    s_ptr,  # *scale [N, K // GROUP_SIZE] float32\n    z_ptr,  # *zero [N, K // GROUP_SIZE] uint8\n"
-    "    b_ptr,  # *bias [N] (read only when the epilogue adds one)\n    y_ptr,  # *y [M, N] (out)",
+    args="""\
+    x_ptr,  # *x [M, K] float
+    w_ptr,  # *packed [N, K // 2] uint8
+    s_ptr,  # *scale [N, K // GROUP_SIZE] float32
+    z_ptr,  # *zero [N, K // GROUP_SIZE] uint8
+    b_ptr,  # *bias [N] (read only when the epilogue adds one)
+    y_ptr,  # *y [M, N], x's dtype (out)""",
     strides="    stride_sn, stride_sg,\n    stride_zn, stride_zg,",
     extra_constants="    GROUP_SIZE: tl.constexpr = {group_size}\n",
 )
@@ -140,15 +148,9 @@ def render(spec: emit.KernelSpec) -> str:
     )
 
 
-def _check_x(op: str, x: Tensor, N: int, K: int, bias: Optional[Tensor]) -> None:
-    emit.check_tensor(op, "x", x, tuple(emit.DTYPES))
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise KernelError(f"{op}: x must be [..., K={K}] to match the weight's [N={N}, K={K}], got {list(x.shape)}")
-    if bias is not None:
-        emit.check_tensor(op, "bias", bias, tuple(emit.DTYPES), (N,))
-
-
-def _launch(spec: emit.KernelSpec, x: Tensor, weights: tuple, strides: tuple, bias: Optional[Tensor]) -> Tensor:
+def _launch(
+    spec: emit.KernelSpec, x: Tensor, weights: tuple, strides: tuple, bias: Optional[Tensor]
+) -> Tensor:
     """Allocate y and run the rendered kernel over a (M-blocks, N-blocks) grid."""
     K, N = spec.K, spec.N
     x2 = x.reshape(-1, K)
@@ -172,16 +174,11 @@ def _launch(spec: emit.KernelSpec, x: Tensor, weights: tuple, strides: tuple, bi
     return y.reshape(*x.shape[:-1], N)
 
 
-def w8a16_linear_triton(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def w8a16_linear_triton(
+    x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None
+) -> Tensor:
     """y [..., N] = (x @ Wq.T) * s_w (+ b) in x's dtype; see the module docstring."""
-    op = "w8a16_linear"
-    emit.check_tensor(op, "w_int8", w_int8, (torch.int8,))
-    if w_int8.dim() != 2 or 0 in w_int8.shape:
-        raise KernelError(f"{op}: w_int8 must be a non-empty [N, K] matrix, got shape {list(w_int8.shape)}")
-    N, K = w_int8.shape
-    _check_x(op, x, N, K, bias)
-    emit.check_tensor(op, "w_scale", w_scale, (torch.float32,), (N,))
-    emit.check_device(op, x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
+    N, K = emit.check_int8_linear("w8a16_linear", x, w_int8, w_scale, bias)
     spec = emit.make_spec("w8a16", K, N, x.dtype, has_bias=bias is not None)
     return _launch(spec, x, (w_int8, w_scale), (w_scale.stride(0),), bias)
 
@@ -198,11 +195,15 @@ def w4a16_linear_triton(
     op = "w4a16_linear"
     emit.check_tensor(op, "packed", packed, (torch.uint8,))
     if packed.dim() != 2 or 0 in packed.shape:
-        raise KernelError(f"{op}: packed must be a non-empty [N, K // 2] uint8 matrix, got {list(packed.shape)}")
+        raise KernelError(
+            f"{op}: packed must be a non-empty [N, K // 2] uint8 matrix, got {list(packed.shape)}"
+        )
     N, K = packed.shape[0], packed.shape[1] * 2
     if group_size <= 0 or K % group_size:
-        raise KernelError(f"{op}: group_size={group_size} must divide K={K} (packed is [N={N}, K/2={K // 2}])")
-    _check_x(op, x, N, K, bias)
+        raise KernelError(
+            f"{op}: group_size={group_size} must divide K={K} (packed is [N={N}, K/2={K // 2}])"
+        )
+    emit.check_x_and_bias(op, x, N, K, bias)
     groups = (N, K // group_size)
     emit.check_tensor(op, "scale", scale, (torch.float32,), groups)
     emit.check_tensor(op, "zero", zero, (torch.uint8,), groups)

@@ -1,0 +1,62 @@
+"""Test setup: offline, Triton interpreter on CPU, seeds, a clean Dynamo per test, shared helpers.
+
+The environment variables are set before anything imports triton: TRITON_INTERPRET is read when
+a kernel is decorated, not when it launches.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from qhl_testing import make_graph  # noqa: E402
+
+# Tests in this suite measure against float64 references; keep CPU threads fixed so timings and
+# reductions are reproducible on the 2-core CI machine.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    """Every test starts from the same RNG state."""
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Compiled frames and recompile counters do not leak between tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def graph():
+    """`graph(fn_or_module, *inputs, door="aot"|"export", training=False)` -> ATen GraphModule."""
+    return make_graph
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """SQNR in dB of `out` against `ref` (qhl.metrics.sqnr_db: float64, inf when exact)."""
+    from qhl.metrics import sqnr_db
+
+    return sqnr_db(ref, out)
+
+
+@pytest.fixture(name="sqnr")
+def sqnr_fixture():
+    return sqnr
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
