@@ -23,6 +23,7 @@ from qhl.codegen.triton.emit import attach_kernel_sources
 from qhl.driver import PassRecord, run_passes
 from qhl.graph import TRAINING_META, MatmulInfo, matmul_infos
 from qhl.recipes import DEFAULT_RECIPE, Recipe, recipe
+from qhl.runtime.packed import GuardedGraph
 
 __all__ = ["QhlBackend", "CompiledGraph", "backend", "qhl_backend"]
 
@@ -93,7 +94,7 @@ class QhlBackend:
                 compiled.seconds = time.perf_counter() - t0
                 self.graphs.append(compiled)
                 _log_summary(kind, compiled)
-                return make_boxed_func(out)
+                return make_boxed_func(GuardedGraph(out))
 
             return compile_graph
 

@@ -66,10 +66,11 @@ def run_passes(
     recipe: Recipe,
     example_inputs: tuple[Any, ...] | None = None,
     verify: bool | None = None,
-    min_sqnr_db: float = 10.0,
+    min_sqnr_db: float | None = None,
 ) -> tuple[fx.GraphModule, list[PassRecord]]:
     """Run `recipe.passes` in order on gm; returns the rewritten gm and one record per pass."""
     verify = recipe.verify if verify is None else verify
+    min_sqnr_db = recipe.verify_min_sqnr_db if min_sqnr_db is None else min_sqnr_db
     if verify and example_inputs is None:
         log.warning("verify=True needs concrete example inputs; skipping numeric verification")
         verify = False

@@ -95,6 +95,14 @@ def _is_swap(node: fx.Node) -> bool:
     return False
 
 
+def _is_dtype_cast(node: fx.Node) -> bool:
+    """A _to_copy that changes only the dtype (same device, no layout change)."""
+    extra = set(node.kwargs) - {"dtype"}
+    src, dst = val(node.args[0]), val(node)
+    same_device = src is None or dst is None or src.device == dst.device
+    return not extra - {"layout", "device"} and same_device and "memory_format" not in node.kwargs
+
+
 def weight_source(node: Any) -> tuple[fx.Node, WeightRef, bool] | None:
     """Follow transposes/aliases of a 2-D operand back to a weight input.
 
@@ -109,6 +117,8 @@ def weight_source(node: Any) -> tuple[fx.Node, WeightRef, bool] | None:
             return None
         if node.target in _TRANSPOSES and _is_swap(node):
             transposed = not transposed
+        elif node.target == aten._to_copy.default and _is_dtype_cast(node):
+            pass  # autocast's weight cast: quantize from the float32 source, not the cast copy
         elif node.target not in _ALIASES:
             return None
         node = node.args[0]

@@ -66,6 +66,8 @@ class Recipe:
     skip: tuple[str, ...] = DEFAULT_SKIP
     overrides: tuple[LayerOverride, ...] = ()
     verify: bool = False
+    # verify mode: a lossy pass may lower the graph's output SQNR to this floor and no further.
+    verify_min_sqnr_db: float = 0.0
     version: int = RECIPE_VERSION
     description: str = ""
 
@@ -168,7 +170,7 @@ def _presets() -> dict[str, Recipe]:
 
 DEFAULT_RECIPE = "w8a8"
 # Knobs a user may set through qhl.recipe(name, **knobs). `form` and `passes` are set by the preset.
-KNOBS = ("group_size", "symmetric", "include", "skip", "overrides", "verify")
+KNOBS = ("group_size", "symmetric", "include", "skip", "overrides", "verify", "verify_min_sqnr_db")
 
 
 def recipes() -> list[str]:

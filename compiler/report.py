@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -69,8 +70,7 @@ class LayerRow:
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["x_shape"] = list(self.x_shape)
-        if d["sqnr_db"] is not None and math.isinf(d["sqnr_db"]):
-            d["sqnr_db"] = "inf"
+        d["sqnr_db"] = _json_float(d["sqnr_db"])
         return d
 
 
@@ -164,11 +164,15 @@ def _mb(n: int) -> str:
 def _db(x: float | None) -> str:
     if x is None:
         return "-"
-    return "exact" if math.isinf(x) and x > 0 else f"{x:.1f} dB"
+    if math.isinf(x):
+        return "exact" if x > 0 else "-inf dB"
+    return f"{x:.1f} dB"
 
 
 def _json_float(x: float | None) -> Any:
-    return "inf" if x is not None and math.isinf(x) else x
+    if x is not None and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
 
 
 def _table(rows: list[LayerRow]) -> str:
@@ -219,6 +223,22 @@ def _first_float(out: Any) -> torch.Tensor | None:
     return next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
 
 
+@contextlib.contextmanager
+def _no_kv_cache(model: torch.nn.Module):
+    """transformers causal LMs return a KV cache object by default, which torch.export cannot
+    capture as an output; inspect measures a plain forward, so it turns the cache off meanwhile."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "use_cache", False):
+        yield
+        return
+    log.info("qhl.inspect: capturing with config.use_cache=False (KV caches are not part of the graph)")
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
 @torch.no_grad()
 def inspect(
     model: torch.nn.Module,
@@ -233,8 +253,9 @@ def inspect(
     rec = make_recipe(recipe, **knobs)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    ref = _first_float(model(*example_inputs))
-    gm = capture_export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    with _no_kv_cache(model):
+        ref = _first_float(model(*example_inputs))
+        gm = capture_export(model, example_inputs, dynamic_shapes=dynamic_shapes)
     gm, records = run_passes(gm, rec, example_inputs, verify=verify)
     attach_kernel_sources(gm)
     flat, _ = torch.utils._pytree.tree_flatten((example_inputs, {}))

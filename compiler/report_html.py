@@ -27,7 +27,9 @@ def _e(x: object) -> str:
 def _db(x: float | None) -> str:
     if x is None:
         return "-"
-    return "exact" if math.isinf(x) else f"{x:.1f}"
+    if math.isinf(x):
+        return "exact" if x > 0 else "-inf"
+    return f"{x:.1f}"
 
 
 def render_html(report: Report) -> str:

@@ -105,7 +105,8 @@ def _canonicalize(gm: fx.GraphModule, node: fx.Node) -> MatmulInfo:
     weight = WeightRef(path=ref.path, value=w_value, trainable=ref.trainable)
     # The module the matmul ran in names the layer (a tied lm_head reads the embedding's
     # weight but is still lm_head); the weight's own path is the fallback.
-    layer_path = module_path_of(node) or (ref.path.rsplit(".", 1)[0] if "." in ref.path else ref.path)
+    layer_path = module_path_of(node) or (ref.path.rsplit(".", 1)[0] if "." in ref.path else "")
+    layer_path = layer_path or "(root)"  # a bare nn.Linear compiled on its own
 
     x = _unflattened(x2d) if op in ("mm", "addmm") else x2d
     out_view = _output_view(node, x) if x is not x2d else None

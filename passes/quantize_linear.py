@@ -23,6 +23,7 @@ import qhl.codegen  # noqa: F401  (registers the qhl:: ops this pass inserts)
 from qhl.codegen import quant
 from qhl.graph import MatmulInfo, matmul_infos
 from qhl.passes.base import PassResult
+from qhl.runtime.packed import PackedWeight, record_packed
 
 __all__ = ["quantize_linear", "RULES", "Rule"]
 
@@ -88,18 +89,25 @@ def _buffer_name(gm: fx.GraphModule, path: str, suffix: str) -> str:
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, info: MatmulInfo, rule: Rule) -> None:
     w = info.weight.value.detach()
-    packed = rule.pack(w.to(torch.float32), info.knobs)
+    knobs = dict(info.knobs)
+    packed = rule.pack(w.to(torch.float32), knobs)
     x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
     with gm.graph.inserting_before(node):
-        attrs = []
+        attrs, names = [], []
         for tensor, suffix in zip(packed, _PACKED_NAMES[rule.form]):
             name = _buffer_name(gm, info.path, suffix)
+            names.append(name)
             gm.register_buffer(name, tensor.to(w.device))
             attr = gm.graph.get_attr(name)
             attr.meta["val"] = tensor
             attrs.append(attr)
         new = gm.graph.call_function(rule.op, (x, *attrs, *rule.static_args(info.knobs), bias))
     new.meta.update(node.meta)
+    # Remember how to re-pack, so a weight updated in place later never runs stale.
+    record_packed(
+        gm,
+        PackedWeight(info.path, info.weight.value, info.weight.value._version, lambda t: rule.pack(t, knobs), tuple(names)),
+    )
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     info.form, info.reason = rule.form, None

@@ -4,40 +4,38 @@
 
 Pure bookkeeping: the graph's numbers do not change. A layer is left float, with the reason in
 its MatmulInfo, when it has no weight, computes in a dtype other than float32/float16/bfloat16
-(float64, complex and integer matmuls are left alone), has a trainable weight in a training graph
-(inference forms freeze weights), or the recipe's skip list / include globs / overrides say so.
+(float64, complex and integer matmuls are left alone), or the recipe's skip list / include globs /
+overrides say so. Trainable weights are rewritten too: their packed copy is refreshed whenever
+the weight changes in place (qhl.runtime.packed), and the backward stays float (straight-through).
 """
 from __future__ import annotations
 
 from torch import fx
 
-from qhl.graph import FLOAT_DTYPES, TRAINING_META, matmul_infos
+from qhl.graph import FLOAT_DTYPES, matmul_infos
 from qhl.passes.base import PassResult
 from qhl.recipes import Recipe
 
 __all__ = ["select_layers"]
 
 
-def _reason_to_keep_float(info, training: bool) -> str | None:
+def _reason_to_keep_float(info) -> str | None:
     if info.weight is None:
         return info.reason or "no weight operand"
     if info.dtype not in FLOAT_DTYPES:
         return f"{info.dtype} matmul: only float32/float16/bfloat16 matmuls are rewritten"
     if info.weight.value.dtype not in FLOAT_DTYPES:
         return f"weight dtype {info.weight.value.dtype}: only float weights are quantized"
-    if training and info.weight.trainable:
-        return "weight is trainable (requires_grad) in a training graph; inference forms freeze weights"
     return None
 
 
 def select_layers(gm: fx.GraphModule, recipe: Recipe) -> PassResult:
-    training = bool(gm.meta.get(TRAINING_META, False))
     stats = {"selected": 0, "kept_float": 0}
     changed = False
     for _node, info in matmul_infos(gm):
         if info.selected or info.form is not None or (info.reason and info.weight is not None):
             continue  # decided by an earlier run: idempotent
-        reason = _reason_to_keep_float(info, training)
+        reason = _reason_to_keep_float(info)
         knobs = None
         if reason is None:
             knobs, reason = recipe.layer_knobs(info.path)

@@ -198,12 +198,6 @@ def test_inspect_config_models(kind):
     assert path in str(report) and path in report.to_html()
 
 
-@pytest.mark.xfail(
-    reason="BUG: qhl.inspect cannot capture a transformers causal LM with use_cache=True (the "
-    "default, and what qhl.models.config_model returns): torch.export fails on the DynamicCache "
-    "in the output",
-    strict=True,
-)
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_inspect_config_causal_lm_as_returned(kind):
     from qhl.models import config_model

@@ -279,20 +279,14 @@ def test_select_float64_matmul_left_alone_with_reason():
     assert dict(res.stats) == {"selected": 0, "kept_float": 5}
 
 
-def test_select_trainable_weight_in_training_graph_left_alone():
+def test_select_trainable_weight_in_training_graph_is_selected():
+    # Trainable weights are rewritten too (qhl.runtime.packed re-packs them when they change).
     model = _TinyLM().train()
-    model.blocks[0].requires_grad_(False)  # frozen base weights: those may be rewritten
+    model.blocks[0].requires_grad_(False)
     res, infos = _selected(model=model, x=torch.randn(2, 4, 64), training=True)
     assert res.gm.meta[TRAINING_META] is True
-    assert infos["blocks.0.up"].selected and infos["blocks.0.down"].selected
-    for path in ("blocks.1.up", "blocks.1.down"):
-        assert not infos[path].selected
-        assert infos[path].reason == (
-            "weight is trainable (requires_grad) in a training graph; inference forms freeze weights"
-        )
-    # the same trainable weights in an inference graph are fine
-    _, infos = _selected(model=_TinyLM().eval())
-    assert infos["blocks.1.up"].selected
+    for path in ("blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"):
+        assert infos[path].selected and infos[path].reason is None
 
 
 def test_select_recipe_without_form_keeps_everything_float():

@@ -1,0 +1,282 @@
+"""qhl.export_onnx: nn.Module -> rewritten FX graph -> ONNX file, checked.
+
+    path checked writable ─▶ torch.export capture + the recipe's passes (qhl.inspect's machinery)
+      ─▶ pre-scan: every qhl:: op (and other custom op) has an ONNX translation, else
+         UnsupportedError naming the node and its module path (nothing written)
+      ─▶ torch.onnx.export(dynamo=True, custom_translation_table=qhl.codegen.onnx translations)
+      ─▶ weight layouts folded (Transpose / int4 unpacking of initializers -> initializers)
+      ─▶ written (external data past 2 GB) ─▶ onnx.checker + shape inference
+
+    result = qhl.export_onnx(model, (ids,), "model.onnx", recipe="w4a16", group_size=64)
+    result.size_bytes, result.ops            # file size; ONNX op histogram
+    result.report                            # the qhl.inspect report, with each layer's onnx_ops
+
+Batch and sequence axes (dims 0 and 1 of every tensor input) are dynamic unless the caller
+passes `dynamic_shapes`. Sessions opened through qhl.runtime.ort use MatMulNBits accuracy level
+0 (float activations, qhl's math); see docs/onnx.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect as _inspect
+import logging
+import os
+import pathlib
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from qhl.errors import QhlError, UnsupportedError
+from qhl.graph import MATMUL_META, module_path_of
+
+__all__ = ["ExportResult", "export_onnx", "default_dynamic_shapes", "check_translations"]
+
+log = logging.getLogger(__name__)
+
+TWO_GB = 2**31
+# Ops that only re-lay-out weights: folded into initializers after export (never Cast to float,
+# which would store the weight in float32 again).
+_LAYOUT_OPS = {"Transpose", "BitwiseAnd", "BitwiseOr", "BitShift", "Unsqueeze", "Squeeze", "Concat",
+               "Reshape", "Slice", "Expand"}
+_LOW_BIT_CASTS = {"UINT4", "INT4", "UINT8", "INT8"}
+_FRAMEWORK_NAMESPACES = {"aten", "prims", "higher_order", "_operator", "onnx"}
+
+
+@dataclass
+class ExportResult:
+    """What export_onnx wrote."""
+
+    path: pathlib.Path
+    size_bytes: int
+    report: Any
+    ops: dict[str, int]
+    target: str = "standard"
+    opset: int = 21
+    accuracy_level: int = 0
+    external_data: bool = False
+    seconds: float = 0.0
+    dynamic_shapes: Any = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        top = ", ".join(f"{k} x{v}" for k, v in sorted(self.ops.items(), key=lambda kv: -kv[1])[:8])
+        return (
+            f"wrote {self.path} ({self.size_bytes / 2**20:.2f} MiB{', external data' if self.external_data else ''}), "
+            f"target {self.target}, opset {self.opset}, MatMulNBits accuracy level {self.accuracy_level}, "
+            f"{self.seconds:.1f}s; ops: {top}"
+        )
+
+
+def _check_writable(path: pathlib.Path) -> None:
+    if path.is_dir():
+        raise UnsupportedError(f"output path {str(path)!r} is a directory; give a file name such as model.onnx")
+    parent = path.parent if str(path.parent) else pathlib.Path(".")
+    if not parent.is_dir():
+        raise UnsupportedError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UnsupportedError(f"cannot write {str(path)!r}: the file exists and is not writable")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UnsupportedError(f"cannot write {str(path)!r}: directory {str(parent)!r} is not writable")
+
+
+def default_dynamic_shapes(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Dims 0 (batch) and 1 (sequence) of every tensor input dynamic (Dim.AUTO: torch.export
+    keeps a dim static when the model needs it, or when the example size is 0 or 1)."""
+    auto = torch.export.Dim.AUTO
+    shapes: list[Any] = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.ndim >= 1:
+            shapes.append({d: auto for d in range(min(x.ndim, 2))})
+        else:
+            shapes.append(None)
+    return tuple(shapes)
+
+
+def _as_positional(model: torch.nn.Module, dynamic_shapes: Any, n: int) -> Any:
+    """A dict keyed by forward()'s argument names -> a tuple in argument order."""
+    if not isinstance(dynamic_shapes, dict):
+        return dynamic_shapes
+    names = list(_inspect.signature(model.forward).parameters)[:n]
+    unknown = sorted(set(dynamic_shapes) - set(names))
+    if unknown:
+        raise UnsupportedError(f"dynamic_shapes names {unknown} are not among forward()'s first {n} arguments {names}")
+    return tuple(dynamic_shapes.get(name) for name in names)
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: torch.nn.Module) -> Iterator[None]:
+    """transformers causal LMs return a KV cache object torch.export cannot flatten; the ONNX
+    graph is the full-sequence forward, so export with config.use_cache=False (restored after)."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        yield
+        return
+    log.info("exporting %s with config.use_cache=False (the KV cache is not part of the ONNX graph)", type(model).__name__)
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
+def _node_path(node: fx.Node) -> str:
+    info = node.meta.get(MATMUL_META)
+    return getattr(info, "path", None) or module_path_of(node) or "<top level>"
+
+
+def _registry():
+    try:  # private API: used only to name unsupported custom ops early; the exporter checks too
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+        return ONNXRegistry.from_torchlib()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def check_translations(gm: fx.GraphModule, table: dict[Any, Any]) -> None:
+    """Raise UnsupportedError for the first custom op in gm with no ONNX translation."""
+    registry = None
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        ns = node.target.namespace
+        if ns in _FRAMEWORK_NAMESPACES or node.target in table:
+            continue
+        if ns != "qhl":
+            registry = registry or _registry()
+            if registry is None or registry.is_registered(node.target):
+                continue
+        raise UnsupportedError(
+            f"node {node.name!r} ({node.target}) in module {_node_path(node)!r} has no ONNX translation; "
+            f"qhl translates {sorted(str(k) for k in table)}. Keep this layer float "
+            "(recipe skip=[...]) or add a translation under qhl/codegen/onnx/."
+        )
+
+
+def _is_const(v: Any) -> bool:
+    return v is None or v.const_value is not None or (v.producer() is not None and v.producer().op_type == "Constant")
+
+
+def _fold_weight_layouts(model: Any) -> bool:
+    """Fold the nodes that only re-lay-out initializers (transposes, int4 unpacking) into
+    initializers, whatever their size. Returns whether anything changed."""
+    import onnx
+    from onnxscript.optimizer import fold_constants
+
+    def should_fold(node: Any) -> bool | None:
+        if node.domain not in ("", "ai.onnx") or not all(_is_const(v) for v in node.inputs):
+            return False
+        if node.op_type in _LAYOUT_OPS:
+            return True
+        if node.op_type == "Cast":
+            return node.attributes["to"].as_int() in {getattr(onnx.TensorProto, t) for t in _LOW_BIT_CASTS}
+        return False
+
+    result = fold_constants(model, input_size_limit=2**62, output_size_limit=2**62, should_fold=should_fold)
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+    return bool(result.modified)
+
+
+def _ops_histogram(model: Any) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
+        name = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        counts[name] += 1
+    return dict(counts)
+
+
+def _initializer_bytes(model: Any) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _check(path: pathlib.Path, target: str) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = pathlib.Path(tmp) / "inferred.onnx"
+            # strict mode needs every op's schema: contrib ops (com.microsoft) are unknown to onnx
+            onnx.shape_inference.infer_shapes_path(str(path), str(out), check_type=True, strict_mode=target == "standard")
+    except Exception as e:
+        raise QhlError(f"the ONNX file {str(path)!r} failed onnx.checker/shape inference: {type(e).__name__}: {e}") from e
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    recipe: Any = "w8a8",
+    dynamic_shapes: Any = None,
+    target: str = "standard",
+    opset: int = 21,
+    check: bool = True,
+    **knobs: Any,
+) -> ExportResult:
+    """Rewrite `model` with `recipe` and write it as ONNX to `path` (see the module docstring)."""
+    from qhl.codegen import onnx as onnx_codegen
+
+    t0 = time.perf_counter()
+    path = pathlib.Path(path)
+    _check_writable(path)
+    if opset < onnx_codegen.DEFAULT_OPSET:
+        raise UnsupportedError(f"opset {opset} < 21: blocked QuantizeLinear/DequantizeLinear and uint4 need opset >= 21")
+    table = dict(onnx_codegen.TRANSLATIONS) if target == "standard" else onnx_codegen.translation_table(target)
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    dyn = default_dynamic_shapes(example_inputs) if dynamic_shapes is None else _as_positional(model, dynamic_shapes, len(example_inputs))
+
+    from qhl.report import inspect as qhl_inspect
+
+    with _no_kv_cache(model):
+        report = qhl_inspect(model, example_inputs, recipe=recipe, dynamic_shapes=dyn, **knobs)
+    gm = report.graph_module
+    check_translations(gm, table)
+    for row in report.layers:
+        row.onnx_ops = onnx_codegen.ops_for_form(row.form, target) if row.form else []
+
+    onnx_codegen.set_opset(opset)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # ep.module() cannot be put in eval mode; the captured graph already is inference
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            program = torch.onnx.export(
+                gm, example_inputs, dynamo=True, opset_version=opset, dynamic_shapes=dyn,
+                custom_translation_table=table, optimize=True, verbose=False, report=False,
+            )
+    except Exception as e:  # the exporter raises many types; say which model and recipe
+        raise UnsupportedError(
+            f"torch.onnx.export failed for {type(model).__name__} under recipe {report.recipe.name!r}: "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        ) from e
+    finally:
+        onnx_codegen.set_opset(onnx_codegen.DEFAULT_OPSET)
+    model_ir = program.model
+    _fold_weight_layouts(model_ir)
+    model_ir.producer_name = "qhl"
+    model_ir.metadata_props["qhl.recipe"] = report.recipe.to_json(indent=None)
+    model_ir.metadata_props["qhl.target"] = target
+    model_ir.metadata_props["qhl.matmulnbits_accuracy_level"] = str(onnx_codegen.ACCURACY_LEVEL)
+
+    external = _initializer_bytes(model_ir) >= TWO_GB - 2**26  # leave room for the graph itself
+    program.save(str(path), external_data=external)
+    size = path.stat().st_size + sum(
+        p.stat().st_size for p in path.parent.glob(path.name + "*.data") if p != path
+    ) if external else path.stat().st_size
+    if check:
+        _check(path, target)
+    result = ExportResult(
+        path=path, size_bytes=size, report=report, ops=_ops_histogram(model_ir), target=target, opset=opset,
+        accuracy_level=onnx_codegen.ACCURACY_LEVEL, external_data=external,
+        seconds=time.perf_counter() - t0, dynamic_shapes=dyn,
+    )
+    log.info("%s", result)
+    return result
