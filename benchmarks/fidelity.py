@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import inspect
 import json
 import logging
 import math
@@ -114,6 +115,9 @@ def torchao_model(model: nn.Module, scheme: str) -> tuple[nn.Module, str]:
     return m.eval(), note
 
 
+_HAS_CLIP = "clip" in inspect.signature(quant.fake_quant_w4a16_linear).parameters
+
+
 class RTNLinear(nn.Module):
     """nn.Linear computed by qhl's float64 fake-quant reference (round-to-nearest, no calibration)."""
 
@@ -129,7 +133,10 @@ class RTNLinear(nn.Module):
         elif self.form == "w8a16":
             y = quant.fake_quant_w8a16_linear(x, w, b)
         else:
-            y = quant.fake_quant_w4a16_linear(x, w, b, self.group, symmetric=True)
+            # Plain round-to-nearest of the full group range: qhl's default int4 scale choice may
+            # search clip ratios (recipe knob weight_clip), which RTN by definition does not.
+            clip = {"clip": "none"} if _HAS_CLIP else {}
+            y = quant.fake_quant_w4a16_linear(x, w, b, self.group, symmetric=True, **clip)
         return y.to(x.dtype)
 
 
@@ -149,6 +156,13 @@ def rtn_model(model: nn.Module, scheme: str) -> nn.Module:
 def lm_logits(model: Callable[..., Any], tokens: torch.Tensor, batch: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(tokens[i : i + batch]).logits.float() for i in range(0, len(tokens), batch)])
+
+
+def token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token NLL (flattened, float64): the terms whose mean is log(perplexity)."""
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1), reduction="none")
+    return nll
 
 
 def mean_pooled(model: Callable[..., Any], enc: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,7 +202,8 @@ def run_smollm2(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
     tokens = news_corpus_tokens(tok, args.n_seqs, args.seq_len)
     ref = timed("SmolLM2 eager float32", lambda: lm_logits(model, tokens, args.batch))
     ref_ppl = perplexity(ref, tokens)
-    rows = [dict(model="SmolLM2-135M", scheme="float32", impl="eager", sqnr_db=math.inf, ppl=ref_ppl, layers="")]
+    rows = [dict(model="SmolLM2-135M", scheme="float32", impl="eager", sqnr_db=math.inf, ppl=ref_ppl, layers="",
+                 _nll=token_nll(ref, tokens))]
     notes: dict[str, str] = {}
 
     def add(scheme: str, impl: str, logits: torch.Tensor | None, layers: str = "", error: str = "") -> None:
@@ -197,7 +212,7 @@ def run_smollm2(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
                              layers=layers, error=error))
             return
         row = dict(model="SmolLM2-135M", scheme=scheme, impl=impl, sqnr_db=sqnr_db(ref, logits),
-                   ppl=perplexity(logits, tokens), layers=layers)
+                   ppl=perplexity(logits, tokens), layers=layers, _nll=token_nll(logits, tokens))
         log.info("  %-7s %-8s SQNR %6.2f dB  ppl %.3f", scheme, impl, row["sqnr_db"], row["ppl"])
         rows.append(row)
 
@@ -251,23 +266,87 @@ def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
 # --- judging and reporting ---------------------------------------------------------------------
 
 
-def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each issue target as (what, measured, wanted, ok)."""
-    by = {(r["scheme"], r["impl"]): r for r in rows}
+def versus(q: dict[str, Any], p: dict[str, Any]) -> tuple[str, str]:
+    """qhl row q against peer row p on the same tokens -> (status, measured text).
+
+    "yes": SQNR and perplexity both at least as good (within the noise margins). "within noise":
+    SQNR as good, perplexity worse but not significantly so in a paired per-token test (mean NLL
+    difference within 2 standard errors of 0; tokens are treated as independent, which makes the
+    band narrower than it really is, so this errs towards "NO"). "NO" otherwise.
+    """
+    sqnr_ok = q["sqnr_db"] >= p["sqnr_db"] - SQNR_MARGIN_DB
+    ppl_ok = q["ppl"] <= p["ppl"] * (1 + PPL_MARGIN)
+    d = q["_nll"] - p["_nll"]
+    mean, se = d.mean().item(), d.std().item() / math.sqrt(d.numel())
+    text = f"{q['sqnr_db']:.2f} dB / {q['ppl']:.3f} (ppl {math.expm1(mean):+.2%} +- {2 * se:.2%})"
+    if sqnr_ok and ppl_ok:
+        return "yes", text
+    if sqnr_ok and mean - 2 * se <= 0:
+        return "within noise", text
+    return "NO", text
+
+
+def _failed(what: str, row: dict[str, Any] | None) -> dict[str, Any]:
+    return dict(what=what, measured=(row or {}).get("error", "missing"), wanted="a result", status="NO")
+
+
+def checks(smol: list[dict[str, Any]], mini: list[dict[str, Any]], issue_tokens: bool) -> list[dict[str, Any]]:
+    """Each target as (what, measured, wanted, status); status is "yes", "within noise" or "NO".
+
+    The issue's absolute targets hold for 4 x 512 tokens only (issue_tokens); the comparisons
+    with RTN and torchao hold for any token count.
+    """
+    by = {(r["scheme"], r["impl"]): r for r in smol}
     f32 = by[("float32", "eager")]["ppl"]
-    out = [dict(what="float32 ppl", measured=f32, wanted=f"~{FLOAT_PPL_TARGET}", ok=abs(f32 - FLOAT_PPL_TARGET) < 0.05)]
-    for scheme, (t_sqnr, t_ppl, rise) in TARGETS.items():
-        q = by[(scheme, "qhl")]
-        out.append(dict(what=f"{scheme} ppl rise over float32", measured=q["ppl"] / f32 - 1,
-                        wanted=f"<= {rise:.1%} (issue ppl {t_ppl})", ok=q["ppl"] <= f32 * (1 + rise)))
-        out.append(dict(what=f"{scheme} logits SQNR", measured=q["sqnr_db"], wanted=f">= {t_sqnr} dB (issue)",
-                        ok=q["sqnr_db"] >= t_sqnr - SQNR_MARGIN_DB))
+    out = []
+    if issue_tokens:
+        out.append(dict(what="float32 ppl", measured=f"{f32:.3f}", wanted=f"~{FLOAT_PPL_TARGET}",
+                        status="yes" if abs(f32 - FLOAT_PPL_TARGET) < 0.05 else "NO"))
+    for scheme, (t_sqnr, t_ppl, rise) in TARGETS.items() if issue_tokens else ():
+        q = by.get((scheme, "qhl"))
+        if q is None or "_nll" not in q:
+            out.append(_failed(f"{scheme} qhl", q))
+            continue
+        out.append(dict(what=f"{scheme} ppl rise over float32", measured=f"{q['ppl'] / f32 - 1:+.2%}",
+                        wanted=f"<= {rise:.1%} (issue: ppl {t_ppl})",
+                        status="yes" if q["ppl"] <= f32 * (1 + rise) else "NO"))
+        out.append(dict(what=f"{scheme} logits SQNR", measured=f"{q['sqnr_db']:.2f} dB",
+                        wanted=f">= {t_sqnr} dB (issue; {SQNR_MARGIN_DB} dB margin)",
+                        status="yes" if q["sqnr_db"] >= t_sqnr - SQNR_MARGIN_DB else "NO"))
+    for scheme in SCHEMES:
+        q = by.get((scheme, "qhl"))
         for peer in ("RTN", "torchao"):
-            p = by[(scheme, peer)]
-            ok = q["sqnr_db"] >= p["sqnr_db"] - SQNR_MARGIN_DB and q["ppl"] <= p["ppl"] * (1 + PPL_MARGIN)
-            out.append(dict(what=f"{scheme} qhl vs {peer}", measured=f"{q['sqnr_db']:.2f} dB / {q['ppl']:.3f}",
-                            wanted=f">= {p['sqnr_db']:.2f} dB / <= {p['ppl']:.3f}", ok=ok))
+            p = by.get((scheme, peer))
+            if q is None or p is None or "_nll" not in q or "_nll" not in p:
+                out.append(_failed(f"SmolLM2 {scheme} qhl vs {peer}", q if q and "_nll" not in q else p))
+                continue
+            status, text = versus(q, p)
+            out.append(dict(what=f"SmolLM2 {scheme} qhl vs {peer}", measured=text,
+                            wanted=f">= {p['sqnr_db']:.2f} dB / <= {p['ppl']:.3f}", status=status))
+    mby = {(r["scheme"], r["impl"]): r for r in mini}
+    for scheme in MINILM_SCHEMES:
+        q = mby.get((scheme, "qhl"))
+        for peer in ("RTN", "torchao"):
+            p = mby.get((scheme, peer))
+            if q is None or p is None or math.isnan(q["cos_mean"]) or math.isnan(p["cos_mean"]):
+                out.append(_failed(f"MiniLM {scheme} qhl vs {peer}", q))
+                continue
+            ok = q["cos_mean"] >= p["cos_mean"] - 1e-4 and q["cos_min"] >= p["cos_min"] - 1e-4
+            out.append(dict(what=f"MiniLM {scheme} qhl vs {peer}", measured=f"cos {q['cos_mean']:.5f} / min {q['cos_min']:.5f}",
+                            wanted=f">= {p['cos_mean']:.5f} / {p['cos_min']:.5f} (1e-4 margin)", status="yes" if ok else "NO"))
     return out
+
+
+def qhl_sources() -> dict[str, str]:
+    """A fingerprint of the qhl code measured: qhl changes often, and numbers belong to a version."""
+    import hashlib
+
+    root = pathlib.Path(qhl.__file__).resolve().parent.parent
+    files = sorted(p for d in ("compiler", "passes", "codegen", "runtime") for p in (root / d).rglob("*.py"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
+    newest = max(files, key=lambda p: p.stat().st_mtime)
+    stamp = datetime.datetime.fromtimestamp(newest.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return dict(sha256=digest, newest_file=str(newest.relative_to(root)), newest_mtime=stamp)
 
 
 def machine() -> dict[str, Any]:
@@ -281,7 +360,7 @@ def machine() -> dict[str, Any]:
 
     return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 torchao=torchao.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), qhl=qhl_sources())
 
 
 def fmt(v: Any, nd: int = 2) -> str:
@@ -300,7 +379,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"### Fidelity (qhl vs torchao vs RTN) - {m['date']}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, "
-        f"torchao {m['torchao']}, transformers {m['transformers']}.",
+        f"torchao {m['torchao']}, transformers {m['transformers']}; qhl sources {m['qhl']['sha256']} "
+        f"(newest file {m['qhl']['newest_file']}, {m['qhl']['newest_mtime']}).",
         "",
         f"**SmolLM2-135M-Instruct**, {a['n_seqs']}x{a['seq_len']} tokens of gensim `lee_background.cor`; "
         "logits SQNR vs eager float32, perplexity. lm_head and embeddings stay float.",
@@ -319,18 +399,30 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["minilm"]:
         lines.append(f"| {r['scheme']} | {r['impl']} | {r['cos_mean']:.5f} | {r['cos_min']:.5f} | "
                      f"{fmt(r['sqnr_db'])} | {_note(r)} |")
-    lines += ["", "torchao configs: " + "; ".join(f"{k}: {v}" for k, v in result["torchao_configs"].items()),
+    w4 = next((r for r in result["smollm2"] if r["scheme"] == "w4a16" and r["impl"] == "qhl"), {})
+    clip = result.get("qhl_int4_weight_clip")
+    lines += ["", "Notes:", "",
+              f"- w4a16 = int4 symmetric, group 128; w4a16-g64 = group 64. At g128 qhl rewrites {w4.get('layers', '?')} "
+              "SmolLM2 matmuls: K = 576 is not a multiple of 128, so only the down projections (K = 1536) are "
+              "int4 and the rest stay float (torchao and RTN are given the same layers). At g64 every layer is int4.",
+              f"- qhl's int4 scales: recipe default weight_clip={clip!r} "
+              "('mse' = per-group clip ratio with least squared error; RTN rows never clip)." if clip else
+              "- qhl's int4 scales: plain amax round-to-nearest (this qhl has no weight_clip knob).",
+              "- w8a8 on SmolLM2 is chaotic (a few huge activations set the per-token scales): float32 vs float64 "
+              "accumulation of the same RTN scheme moves perplexity by ~3 % on 128 tokens, so w8a8 rows differ "
+              "within noise. The checks use a paired per-token NLL test (± is 2 standard errors).",
+              "- torchao configs: " + "; ".join(f"{k}: `{v}`" for k, v in result["torchao_configs"].items()),
               "", "| check | measured | wanted | ok |", "|---|---|---|---|"]
     for c in result["checks"]:
-        meas = f"{c['measured']:+.2%}" if "rise" in c["what"] else fmt(c["measured"], 3)
-        lines.append(f"| {c['what']} | {meas} | {c['wanted']} | {'yes' if c['ok'] else '**NO**'} |")
+        status = "**NO**" if c["status"] == "NO" else c["status"]
+        lines.append(f"| {c['what']} | {c['measured']} | {c['wanted']} | {status} |".replace("+-", "±"))
     return "\n".join(lines) + "\n"
 
 
 def _json_safe(v: Any) -> Any:
     """JSON has no inf/nan: the float32 row's infinite SQNR is written as null."""
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, dict):  # keys starting with "_" hold tensors kept for the checks only
+        return {k: _json_safe(x) for k, x in v.items() if not k.startswith("_")}
     if isinstance(v, list):
         return [_json_safe(x) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
@@ -346,20 +438,27 @@ def main() -> None:
     ap.add_argument("--n-sentences", type=int, default=16)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # A smaller smoke run writes fidelity_smoke.* so that it never overwrites the real results,
+    # and is not held to the issue's 4x512 targets.
+    default = vars(args) == vars(ap.parse_args([]))
+    stem = "fidelity" if default else "fidelity_smoke"
     t0 = time.perf_counter()
+    host = machine()  # at the start: the qhl sources are fingerprinted as imported, not as they end up
     smol, notes = run_smollm2(args)
     mini = run_minilm(args)
-    result = dict(machine=machine(), args=vars(args), smollm2=smol, minilm=mini, torchao_configs=notes,
-                  checks=checks(smol), seconds=time.perf_counter() - t0)
+    clip = getattr(qhl.recipe("w4a16"), "weight_clip", None)
+    result = dict(machine=host, args=vars(args), qhl_int4_weight_clip=clip, smollm2=smol, minilm=mini,
+                  torchao_configs=notes,
+                  checks=checks(smol, mini, default), seconds=time.perf_counter() - t0)
     RESULTS.mkdir(parents=True, exist_ok=True)
     md = markdown(result)
-    (RESULTS / "fidelity.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n")
-    (RESULTS / "fidelity.md").write_text(md)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(md)
     print(md)
-    failed = [c["what"] for c in result["checks"] if not c["ok"]]
+    failed = [c["what"] for c in result["checks"] if c["status"] == "NO"]
     if failed:
         log.warning("targets missed: %s", failed)
-    log.info("wrote %s and %s (%.0fs)", RESULTS / "fidelity.json", RESULTS / "fidelity.md", result["seconds"])
+    log.info("wrote %s.{json,md} (%.0fs)", RESULTS / stem, result["seconds"])
 
 
 if __name__ == "__main__":

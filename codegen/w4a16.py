@@ -4,7 +4,7 @@
     y[..., N] = x @ W.T (+ b)
 
 x [..., K] float; packed uint8 [N, K/2]; scale float32 [N, K/g]; zero uint8 [N, K/g] (8 when
-symmetric). Faces: spec (CPU, here), fake, kernel (codegen/triton/weight_only.py, CUDA: a
+symmetric). Faces: spec (CPU, here: dequantized one cache-sized tile of rows at a time), fake, kernel (codegen/triton/weight_only.py, CUDA: a
 dequantizing GEMM), grad (dx through the dequantized weight; weight frozen), onnx (next issue:
 blocked uint4 DequantizeLinear + MatMul).
 """
@@ -20,9 +20,65 @@ from qhl.codegen import quant
 __all__ = ["w4a16_linear", "w4a16_linear_spec"]
 
 
+# CPU: dequantize a tile of weight rows at a time into a reused float32 buffer that stays in cache
+# for the GEMM. The tile holds each row's low nibbles (even k) then its high nibbles (odd k), so
+# unpacking needs no interleave; x is permuted once to match ([x_even | x_odd]).
+_TILE_BYTES = 4 << 20
+
+
+def _tile_rows(n: int, k: int) -> int:
+    return min(n, max(16, (_TILE_BYTES // (4 * k)) // 16 * 16))
+
+
 def w4a16_linear_spec(
     x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Optional[Tensor]
 ) -> Tensor:
+    n, kh = packed.shape
+    k = kh * 2
+    g = group_size
+    if not (
+        quant._cpu_fast_path_ok(x, packed, scale, zero, bias)
+        and g % 2 == 0
+        and k % g == 0
+        and scale.shape == (n, k // g)
+        and zero.shape == (n, k // g)
+    ):
+        return _w4a16_linear_generic(x, packed, scale, zero, group_size, bias)
+    ng, gh = k // g, g // 2
+    x2 = x.reshape(-1, k).float()
+    m = x2.shape[0]
+    xp = x2.reshape(m, kh, 2).transpose(1, 2).reshape(m, k)  # [x_even | x_odd]
+    sf = scale if scale.dtype == torch.float32 else scale.float()
+    # Symmetric weights (every zero point 8) subtract the zero as an int8 scalar, cheaper than a
+    # broadcast float subtraction. Checking costs one pass over the small zero tensor.
+    symmetric = bool((zero == 8).all())
+    zf = None if symmetric else zero.float()
+    y = torch.empty(m, n)
+    rows = _tile_rows(n, k)
+    codes = quant._scratch("w4a16.c", (rows, 2, kh), torch.uint8)
+    tile = quant._scratch("w4a16.w", (rows, 2, ng, gh), torch.float32)
+    for n0 in range(0, n, rows):
+        r = min(rows, n - n0)
+        p = packed[n0 : n0 + r]
+        c = codes[:r]
+        torch.bitwise_and(p, 0x0F, out=c[:, 0])  # c[n, 2j]
+        torch.bitwise_right_shift(p, 4, out=c[:, 1])  # c[n, 2j + 1]
+        t = tile[:r]
+        if symmetric:
+            t.copy_(c.view(torch.int8).sub_(8).view(r, 2, ng, gh))  # c - z, exact
+        else:
+            t.copy_(c.view(r, 2, ng, gh)).sub_(zf[n0 : n0 + r].view(r, 1, ng, 1))  # exact
+        t.mul_(sf[n0 : n0 + r].view(r, 1, ng, 1))  # (c - z) * s: the spec's float32 weight
+        torch.mm(xp, t.view(r, k).t(), out=y[:, n0 : n0 + r])
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _w4a16_linear_generic(
+    x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Optional[Tensor]
+) -> Tensor:
+    """The definition in plain ops (any device, autograd-visible): used off the CPU fast path."""
     n = packed.shape[0]
     k = packed.shape[1] * 2
     w = quant.dequantize_int4_groupwise(packed, scale, zero, group_size)

@@ -3,7 +3,7 @@
     y[..., N] = (x @ Wq.T) * s_w (+ b)         x [..., K] float, Wq [N, K] int8, s_w [N]
 
 Applying s_w after the product is the same math as x @ (Wq * s_w).T and saves a pass over W.
-Faces: spec (CPU, here), fake, kernel (codegen/triton/weight_only.py, CUDA), grad (dx through
+Faces: spec (CPU, here: Wq converted to float32 one cache-sized tile of rows at a time), fake, kernel (codegen/triton/weight_only.py, CUDA), grad (dx through
 the dequantized weight; weight frozen), onnx (next issue: DequantizeLinear + MatMul).
 """
 from __future__ import annotations
@@ -13,10 +13,45 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from qhl.codegen import quant
+
 __all__ = ["w8a16_linear", "w8a16_linear_spec"]
 
 
+# CPU: dequantize the weight a tile of rows at a time into a reused float32 buffer that stays in
+# cache for the GEMM, instead of writing (and page-faulting) a full float32 copy of W every call.
+_TILE_BYTES = 4 << 20
+
+
+def _tile_rows(n: int, k: int) -> int:
+    return min(n, max(16, (_TILE_BYTES // (4 * k)) // 16 * 16))
+
+
 def w8a16_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    n, k = w_int8.shape
+    if not quant._cpu_fast_path_ok(x, w_int8, w_scale, bias):
+        return _w8a16_linear_generic(x, w_int8, w_scale, bias)
+    x2 = x.reshape(-1, k).float()
+    m = x2.shape[0]
+    y = torch.empty(m, n)
+    rows = _tile_rows(n, k)
+    tile = quant._scratch("w8a16.w", (rows, k), torch.float32)
+    for n0 in range(0, n, rows):
+        r = min(rows, n - n0)
+        t = tile[:r].copy_(w_int8[n0 : n0 + r])  # int8 -> float32, exact
+        torch.mm(x2, t.t(), out=y[:, n0 : n0 + r])
+    ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
+    if bias is not None:
+        y = torch.addcmul(bias.float(), y, ws, out=y)
+    else:
+        y.mul_(ws)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _w8a16_linear_generic(
+    x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]
+) -> Tensor:
+    """The definition in plain ops (any device, autograd-visible): used off the CPU fast path."""
     n, k = w_int8.shape
     x2 = x.reshape(-1, k).float()
     y = (x2 @ w_int8.t().to(torch.float32)).mul_(w_scale)

@@ -1,10 +1,11 @@
-"""The qhl command line: `qhl inspect | demo | recipes`.
+"""The qhl command line: `qhl inspect | export | demo | recipes`.
 
     qhl inspect mypkg.models:make --recipe w4a16 --knob group_size=64 --html report.html
+    qhl export mypkg.models:make --recipe w4a16 -o model.onnx --check
     qhl demo --recipe w8a8
     qhl recipes
 
-`inspect` takes a `module:factory` whose factory returns (model, example_inputs).
+`inspect` and `export` take a `module:factory` whose factory returns (model, example_inputs).
 """
 from __future__ import annotations
 
@@ -83,6 +84,51 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from qhl.onnx_export import export_onnx
+
+    for noisy in ("onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    model, example_inputs = _load_factory(args.target)
+    result = export_onnx(model, example_inputs, args.output, recipe=args.recipe, target=args.onnx_target,
+                         opset=args.opset, **dict(args.knob))
+    for row in result.report.layers:
+        if row.form:
+            print(f"  {row.path:<40} {row.form:<6} -> {' + '.join(row.onnx_ops)}")
+    if not args.check:
+        return 0
+    import torch
+
+    from qhl.runtime import ort as qort
+
+    sess = qort.session(result.path, threads=args.threads)
+    with torch.no_grad():
+        parity = qort.compare(result.path, result.report.graph_module, example_inputs, sess=sess)
+        fidelity = qort.compare(result.path, model, example_inputs, sess=sess)
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = export_onnx(model, example_inputs, f"{tmp}/float32.onnx", recipe="float", opset=args.opset, check=False)
+        f32_sess = qort.session(f32.path, threads=args.threads)
+        # round-robin so that a noisy neighbour slows both alike
+        t_q, t_f = [], []
+        for _ in range(args.runs):
+            t_f.append(qort.time_session(f32_sess, example_inputs, runs=1, warmup=0)["median_ms"])
+            t_q.append(qort.time_session(sess, example_inputs, runs=1, warmup=0)["median_ms"])
+        size_f32 = f32.size_bytes
+    import statistics
+
+    mq, mf = statistics.median(t_q), statistics.median(t_f)
+    print(f"parity  ORT vs qhl torch:  cosine {parity['cosine']:.6f}  SQNR {parity['sqnr_db']:.1f} dB  "
+          f"max|diff| {parity['max_abs']:.3g}")
+    print(f"fidelity ORT vs float32 torch: cosine {fidelity['cosine']:.6f}  SQNR {fidelity['sqnr_db']:.1f} dB")
+    print(f"speed   ORT {args.recipe}: {mq:.2f} ms  vs ORT float32: {mf:.2f} ms  ({mf / mq:.2f}x, "
+          f"median of {args.runs}, MatMulNBits accuracy level {result.accuracy_level})")
+    print(f"size    {result.size_bytes / 2**20:.2f} MiB vs float32 {size_f32 / 2**20:.2f} MiB "
+          f"({result.size_bytes / size_f32:.2f}x)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from qhl.demo import run_demo
 
@@ -115,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-graphs", action="store_true", help="print each pass's output graph")
     p.add_argument("--show-kernels", action="store_true", help="print the Triton source emitted per layer")
     p.set_defaults(fn=_cmd_inspect)
+
+    p = sub.add_parser("export", help="rewrite a model and write it as ONNX (checked, optionally run in ORT)")
+    p.add_argument("target", help="MODULE:FACTORY returning (model, example_inputs)")
+    p.add_argument("--recipe", default="w8a8", help="preset name (see `qhl recipes`)")
+    p.add_argument("--knob", action="append", type=_parse_knob, default=[], metavar="NAME=VALUE",
+                   help="recipe knob, e.g. group_size=64 (repeatable; VALUE is JSON)")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--target", dest="onnx_target", default="standard", choices=("standard", "onnxruntime"),
+                   help="standard ONNX, or ONNX Runtime contrib ops where they are faster")
+    p.add_argument("--opset", type=int, default=21, help="default-domain opset (>= 21)")
+    p.add_argument("--check", action="store_true",
+                   help="open the file in ONNX Runtime: parity vs qhl's torch output, speed vs the float32 export")
+    p.add_argument("--runs", type=int, default=7, help="timed runs for --check (median is reported)")
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads for --check")
+    p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("demo", help="compile SmolLM2-135M and report fidelity and speed vs float32")
     p.add_argument("--recipe", default="w8a8")

@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import inspect as _inspect
 import logging
+import math
 import os
 import pathlib
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -40,7 +40,8 @@ __all__ = ["ExportResult", "export_onnx", "default_dynamic_shapes", "check_trans
 
 log = logging.getLogger(__name__)
 
-TWO_GB = 2**31
+# protobuf cannot hold a file past 2 GiB; keep 64 MiB of it for the graph itself
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
 # Ops that only re-lay-out weights: folded into initializers after export (never Cast to float,
 # which would store the weight in float32 again).
 _LAYOUT_OPS = {"Transpose", "BitwiseAnd", "BitwiseOr", "BitShift", "Unsqueeze", "Squeeze", "Concat",
@@ -172,6 +173,9 @@ def _fold_weight_layouts(model: Any) -> bool:
     def should_fold(node: Any) -> bool | None:
         if node.domain not in ("", "ai.onnx") or not all(_is_const(v) for v in node.inputs):
             return False
+        if node.op_type == "Expand":  # the one layout op that can grow data: only small ones
+            shape = node.outputs[0].shape
+            return shape is not None and shape.is_static() and math.prod(shape.numpy()) <= 1 << 16
         if node.op_type in _LAYOUT_OPS:
             return True
         if node.op_type == "Cast":
@@ -183,6 +187,50 @@ def _fold_weight_layouts(model: Any) -> bool:
 
     RemoveUnusedNodesPass()(model)
     return bool(result.modified)
+
+
+def _drop_symmetric_int4_zero_points(model: Any) -> int:
+    """Symmetric int4 (every zero point 8) -> signed int4 codes with no zero point input.
+
+    (c - 8) * s == (c' - 0) * s with c' = c - 8 as int4: the same numbers, one tensor fewer, and
+    ONNX Runtime fuses it into a MatMulNBits without zero points, its faster 4-bit path
+    (MatMulNBits' default zero point is 8). Returns how many nodes changed."""
+    import ml_dtypes
+    import numpy as np
+    import onnx_ir as ir
+
+    def const(v: Any) -> Any:
+        return None if v is None or v.const_value is None else v.const_value.numpy()
+
+    changed = 0
+    for node in list(model.graph):
+        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and len(node.inputs) == 3:
+            codes, zero = const(node.inputs[0]), const(node.inputs[2])
+            if codes is None or zero is None or codes.dtype != ml_dtypes.uint4 or zero.dtype != ml_dtypes.uint4:
+                continue
+            if not np.all(zero.astype(np.int8) == 8):
+                continue
+            signed = (codes.astype(np.int8) - 8).astype(ml_dtypes.int4)
+            value = ir.Value(name=f"{node.inputs[0].name}_int4", shape=node.inputs[0].shape,
+                             type=ir.TensorType(ir.DataType.INT4), const_value=ir.Tensor(signed, name=f"{node.inputs[0].name}_int4"))
+            model.graph.register_initializer(value)
+            node.replace_input_with(0, value)
+            node.resize_inputs(2)
+            changed += 1
+        elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and len(node.inputs) >= 4:
+            zero = const(node.inputs[3])
+            if zero is None or node.attributes["bits"].as_int() != 4 or not np.all(zero == 0x88):
+                continue
+            if len(node.inputs) == 4:
+                node.resize_inputs(3)
+            else:
+                node.replace_input_with(3, None)
+            changed += 1
+    if changed:
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(model)
+    return changed
 
 
 def _ops_histogram(model: Any) -> dict[str, int]:
@@ -201,11 +249,11 @@ def _check(path: pathlib.Path, target: str) -> None:
     import onnx
 
     try:
-        onnx.checker.check_model(str(path), full_check=False)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = pathlib.Path(tmp) / "inferred.onnx"
-            # strict mode needs every op's schema: contrib ops (com.microsoft) are unknown to onnx
-            onnx.shape_inference.infer_shapes_path(str(path), str(out), check_type=True, strict_mode=target == "standard")
+        onnx.checker.check_model(str(path), full_check=False)  # by path: works past 2 GB
+        # shapes need no weight bytes: infer on the graph without its external data
+        proto = onnx.load(str(path), load_external_data=False)
+        # strict mode needs every op's schema: contrib ops (com.microsoft) are unknown to onnx
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=target == "standard")
     except Exception as e:
         raise QhlError(f"the ONNX file {str(path)!r} failed onnx.checker/shape inference: {type(e).__name__}: {e}") from e
 
@@ -261,12 +309,13 @@ def export_onnx(
         onnx_codegen.set_opset(onnx_codegen.DEFAULT_OPSET)
     model_ir = program.model
     _fold_weight_layouts(model_ir)
+    _drop_symmetric_int4_zero_points(model_ir)
     model_ir.producer_name = "qhl"
     model_ir.metadata_props["qhl.recipe"] = report.recipe.to_json(indent=None)
     model_ir.metadata_props["qhl.target"] = target
     model_ir.metadata_props["qhl.matmulnbits_accuracy_level"] = str(onnx_codegen.ACCURACY_LEVEL)
 
-    external = _initializer_bytes(model_ir) >= TWO_GB - 2**26  # leave room for the graph itself
+    external = _initializer_bytes(model_ir) >= EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=external)
     size = path.stat().st_size + sum(
         p.stat().st_size for p in path.parent.glob(path.name + "*.data") if p != path

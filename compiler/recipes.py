@@ -62,6 +62,9 @@ class Recipe:
     form: str | None = None
     group_size: int = 128
     symmetric: bool = True
+    # int4 scales: "none" = plain amax round-to-nearest; "mse" = per-group clip ratio with the
+    # least squared weight error (helps w4a16 g64 on SmolLM2 a lot, hurts g128: see codegen/quant.py)
+    weight_clip: str = "none"
     include: tuple[str, ...] = ("*",)
     skip: tuple[str, ...] = DEFAULT_SKIP
     overrides: tuple[LayerOverride, ...] = ()
@@ -74,6 +77,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.form is not None and self.form not in FORMS:
             raise RecipeError(f"unknown form {self.form!r}; valid forms: {sorted(FORMS)}")
+        if self.weight_clip not in ("mse", "none"):
+            raise RecipeError(f"weight_clip={self.weight_clip!r}; valid: ['mse', 'none']")
         if self.form == "w4a16" and self.group_size not in GROUP_SIZES:
             raise RecipeError(
                 f"group_size={self.group_size} is not supported; valid: {list(GROUP_SIZES)}"
@@ -100,6 +105,7 @@ class Recipe:
                     "form": o.form or self.form,
                     "group_size": o.group_size or self.group_size,
                     "symmetric": self.symmetric if o.symmetric is None else o.symmetric,
+                    "weight_clip": self.weight_clip,
                 }, None
         for pattern in self.skip:
             if fnmatch.fnmatchcase(path, pattern):
@@ -108,7 +114,12 @@ class Recipe:
             return None, f"not matched by the recipe's include globs {list(self.include)}"
         if self.form is None:
             return None, "the recipe has no matmul form"
-        return {"form": self.form, "group_size": self.group_size, "symmetric": self.symmetric}, None
+        return {
+            "form": self.form,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "weight_clip": self.weight_clip,
+        }, None
 
     # --- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +181,7 @@ def _presets() -> dict[str, Recipe]:
 
 DEFAULT_RECIPE = "w8a8"
 # Knobs a user may set through qhl.recipe(name, **knobs). `form` and `passes` are set by the preset.
-KNOBS = ("group_size", "symmetric", "include", "skip", "overrides", "verify", "verify_min_sqnr_db")
+KNOBS = ("group_size", "symmetric", "weight_clip", "include", "skip", "overrides", "verify", "verify_min_sqnr_db")
 
 
 def recipes() -> list[str]:

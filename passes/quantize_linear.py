@@ -71,7 +71,9 @@ RULES: dict[str, Rule] = {
     "w4a16": Rule(
         "w4a16",
         _check_int4,
-        lambda w, knobs: quant.quantize_int4_groupwise(w, knobs["group_size"], knobs["symmetric"]),
+        lambda w, knobs: quant.quantize_int4_groupwise(
+            w, knobs["group_size"], knobs["symmetric"], knobs.get("weight_clip", "none")
+        ),
         torch.ops.qhl.w4a16_linear.default,
         lambda knobs: (knobs["group_size"],),
     ),

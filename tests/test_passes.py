@@ -236,7 +236,7 @@ def test_select_default_skip_keeps_lm_head_float():
     assert list(infos) == PATHS
     for path in PATHS[:-1]:
         assert infos[path].selected and infos[path].reason is None
-        assert infos[path].knobs == {"form": "w8a8", "group_size": 128, "symmetric": True}
+        assert infos[path].knobs == {"form": "w8a8", "group_size": 128, "symmetric": True, "weight_clip": "none"}
     assert not infos["lm_head"].selected
     assert infos["lm_head"].reason == "in the recipe's skip list ('lm_head')"
     assert res.changed and dict(res.stats) == {"selected": 4, "kept_float": 1}
@@ -262,8 +262,8 @@ def test_select_overrides_keep_float_and_per_layer_group_size():
         ],
     )
     _, infos = _selected(recipe=recipe)
-    assert infos["blocks.0.up"].knobs == {"form": "w4a16", "group_size": 128, "symmetric": True}
-    assert infos["blocks.0.down"].knobs == {"form": "w4a16", "group_size": 32, "symmetric": True}
+    assert infos["blocks.0.up"].knobs == {"form": "w4a16", "group_size": 128, "symmetric": True, "weight_clip": "none"}
+    assert infos["blocks.0.down"].knobs == {"form": "w4a16", "group_size": 32, "symmetric": True, "weight_clip": "none"}
     for path in ("blocks.1.up", "blocks.1.down"):
         assert not infos[path].selected
         assert infos[path].reason == "override 'blocks.1.*' keeps this layer float"

@@ -124,7 +124,7 @@ def test_default_skip_keeps_lm_head_and_embeddings_float():
         assert knobs is None and "skip list" in reason, path
     for path in ("model.layers.0.self_attn.q_proj", "transformer.h.0.mlp.c_fc", "encoder.layer.0.output.dense"):
         knobs, reason = r.layer_knobs(path)
-        assert reason is None and knobs == {"form": "w8a8", "group_size": 128, "symmetric": True}
+        assert reason is None and knobs == {"form": "w8a8", "group_size": 128, "symmetric": True, "weight_clip": "none"}
 
 
 def test_layer_knobs_order_overrides_skip_include():
@@ -135,7 +135,7 @@ def test_layer_knobs_order_overrides_skip_include():
     )
     assert r.layer_knobs("model.layers.0.mlp.up_proj") == (None, "override 'model.layers.0.*' keeps this layer float")
     # an override wins over the skip list
-    assert r.layer_knobs("lm_head")[0] == {"form": "w8a16", "group_size": 128, "symmetric": True}
+    assert r.layer_knobs("lm_head")[0] == {"form": "w8a16", "group_size": 128, "symmetric": True, "weight_clip": "none"}
     assert r.layer_knobs("pooler.dense") == (None, "not matched by the recipe's include globs ['model.*', 'lm_head']")
     assert r.layer_knobs("model.layers.1.mlp.up_proj")[0]["form"] == "w4a16"
 

@@ -1,0 +1,78 @@
+"""qhl.codegen.onnx: the onnx face of every qhl:: op, one file per form.
+
+    torch.ops.qhl.quantize_per_token  ->  per_token_quant.py   Abs/ReduceMax scale + blocked QuantizeLinear
+    torch.ops.qhl.w8a8_linear         ->  w8a8.py              uint8 (zp 128) QuantizeLinear + MatMulInteger + scale Muls
+    torch.ops.qhl.w8a16_linear        ->  w8a16.py             Cast(int8 W) + MatMul + Mul
+    torch.ops.qhl.w4a16_linear        ->  w4a16.py             blocked uint4 DequantizeLinear + MatMul
+                                                               (target "onnxruntime": com.microsoft MatMulNBits)
+
+TRANSLATIONS (standard ONNX, opset 21) is what `qhl.export_onnx` hands torch.onnx.export as its
+custom_translation_table; `translation_table("onnxruntime")` swaps in contrib ops where they
+were measured faster. `ops_for_form(form, target)` lists the ONNX op types a form becomes, for
+the inspect report. Importing this package does not import onnxscript.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import qhl.codegen  # noqa: F401  (registers the qhl:: ops named below)
+from qhl.codegen.onnx import per_token_quant, w4a16, w8a8, w8a16
+from qhl.codegen.onnx.per_token_quant import DEFAULT_OPSET, set_opset
+from qhl.errors import UnsupportedError
+
+__all__ = [
+    "TRANSLATIONS",
+    "TARGETS",
+    "FORM_MODULES",
+    "ACCURACY_LEVEL",
+    "DEFAULT_OPSET",
+    "translation_table",
+    "ops_for_form",
+    "set_opset",
+]
+
+TARGETS = ("standard", "onnxruntime")
+# The MatMulNBits accuracy level qhl chooses (0: activations stay float, which is qhl's math).
+ACCURACY_LEVEL = w4a16.ACCURACY_LEVEL
+
+# form name -> (module, the qhl:: op it translates)
+FORM_MODULES: dict[str, tuple[Any, Any]] = {
+    "quantize_per_token": (per_token_quant, torch.ops.qhl.quantize_per_token.default),
+    "w8a8": (w8a8, torch.ops.qhl.w8a8_linear.default),
+    "w8a16": (w8a16, torch.ops.qhl.w8a16_linear.default),
+    "w4a16": (w4a16, torch.ops.qhl.w4a16_linear.default),
+}
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise UnsupportedError(f"unknown ONNX target {target!r}; valid targets: {list(TARGETS)}")
+
+
+def translation_table(target: str = "standard") -> dict[Any, Callable[..., Any]]:
+    """torch.ops.qhl.<op>.default -> onnxscript translation, for one target."""
+    _check_target(target)
+    table = {}
+    for module, overload in FORM_MODULES.values():
+        fn = getattr(module, "translate_onnxruntime", None) if target == "onnxruntime" else None
+        table[overload] = fn or module.translate
+    return table
+
+
+TRANSLATIONS: dict[Any, Callable[..., Any]] = translation_table("standard")
+
+
+def ops_for_form(form: str, target: str = "standard") -> list[str]:
+    """The ONNX op types one form becomes (e.g. "w4a16" -> ["DequantizeLinear", "MatMul", "Add"]).
+
+    A form qhl has no translation for returns [] (the float ops of an unrewritten layer are the
+    exporter's: MatMul/Gemm).
+    """
+    _check_target(target)
+    entry = FORM_MODULES.get(form)
+    if entry is None:
+        return []
+    return list(entry[0].OPS.get(target, entry[0].OPS["standard"]))

@@ -1,0 +1,379 @@
+"""ONNX Runtime (CPU) speed and accuracy of qhl's ONNX exports, against ORT float32 and ORT's own
+quantizer, in one run on one machine.
+
+(a) four nn.Linear(4096, 4096) in a row at 1/64/256/512 tokens: ORT float32 export, qhl w8a8
+    export, `onnxruntime.quantization.quantize_dynamic` on the float32 export, qhl w4a16 (g128;
+    standard and target="onnxruntime") and w8a16. Accuracy: cosine / SQNR vs the float32 output.
+(b) all-MiniLM-L6-v2 (real weights) at batch 8 x 128 tokens: float32, qhl w8a8, quantize_dynamic,
+    qhl w8a16, qhl w4a16. Accuracy: mean-token (attention-masked) embedding cosine vs float32 torch.
+(c) the formulations that were measured to choose the w8a8 and w8a16 translations, on one
+    Linear(4096, 4096) (hand-built ONNX graphs of the same math).
+Plus file sizes. Every ORT session is qhl.runtime.ort.session (MatMulNBits accuracy level 0,
+ORT_ENABLE_ALL, default threads). Timings: median of >= 7 runs after warmup, variants timed
+round-robin so that a noisy neighbour slows all of them alike.
+Writes benchmarks/results/onnx_cpu.{json,md}.
+
+    .venv/bin/python benchmarks/onnx_speed.py [--reps 9] [--skip-minilm] [--skip-formulations]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import pathlib
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from torch import nn
+
+import qhl.codegen.onnx.per_token_quant as ptq
+from qhl.onnx_export import export_onnx
+from qhl.runtime import ort as qort
+
+log = logging.getLogger("onnx_speed")
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+WIDTH, DEPTH = 4096, 4
+LEVEL4 = "qhl w4a16 file, session accuracy level 4 (int8 activations: not W4A16)"
+ROUND = "qhl w8a8, Round/Clip/Cast quantizer"
+TOKENS = (1, 64, 256, 512)
+
+
+def stack() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH)]).eval()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
+    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    err = float(np.sum((ref - out) ** 2))
+    return math.inf if err == 0 else 10 * math.log10(float(np.sum(ref**2)) / err)
+
+
+def round_robin(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {n: {"median_ms": statistics.median(t), "min_ms": min(t), "runs": len(t)} for n, t in times.items()}
+
+
+def quantize_dynamic_file(f32_path: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(f32_path), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
+def _size(path: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+# --- (a) the 4096 stack ---------------------------------------------------------------------------
+
+
+def bench_stack(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
+    model = stack()
+    example = (torch.randn(1, 64, WIDTH),)
+    files: dict[str, pathlib.Path] = {}
+    export_s: dict[str, float] = {}
+    for name, recipe, kw in [
+        ("float32", "float", {}),
+        ("qhl w8a8", "w8a8", {}),
+        ("qhl w8a8 (ort target)", "w8a8", {"target": "onnxruntime"}),
+        ("qhl w8a16", "w8a16", {}),
+        ("qhl w4a16", "w4a16", {"group_size": 128}),
+        ("qhl w4a16 (ort target)", "w4a16", {"group_size": 128, "target": "onnxruntime"}),
+    ]:
+        res = export_onnx(model, example, tmp / f"stack_{recipe}_{kw.get('target', 'std')}.onnx", recipe=recipe, **kw)
+        files[name], export_s[name] = res.path, res.seconds
+    # the same w8a8 export with the Div/Round/Clip/Cast quantizer instead of QuantizeLinear (A/B)
+    ptq.QUANTIZER = "round"
+    try:
+        res = export_onnx(model, example, tmp / "stack_w8a8_round.onnx", recipe="w8a8")
+    finally:
+        ptq.QUANTIZER = "quantize_linear"
+    files[ROUND], export_s[ROUND] = res.path, res.seconds
+        log.info("exported %s in %.1fs: %s", name, res.seconds, res.ops)
+    t0 = time.perf_counter()
+    files["ORT quantize_dynamic"] = quantize_dynamic_file(files["float32"], tmp / "stack_qdyn.onnx")
+    export_s["ORT quantize_dynamic"] = time.perf_counter() - t0
+    sessions = {n: qort.session(p) for n, p in files.items()}
+    # not qhl's math: ORT's default accuracy level 4 quantizes the activations (per k-block int8)
+    sessions[LEVEL4] = qort.session(files["qhl w4a16"], accuracy_level=4)
+    rows = []
+    for t in TOKENS:
+        x = torch.randn(1, t, WIDTH, generator=torch.Generator().manual_seed(t))
+        outs = {n: qort.run(s, (x,))[0] for n, s in sessions.items()}
+        names = list(sessions) if t == 1 else ["float32", "qhl w8a8", ROUND, "qhl w8a8 (ort target)",
+                                                   "ORT quantize_dynamic", "qhl w4a16", LEVEL4]
+        timing = round_robin({n: (lambda s=sessions[n], f={sessions[n].get_inputs()[0].name: x.numpy()}: s.run(None, f))
+                              for n in names}, reps)
+        base, best = timing["float32"]["median_ms"], timing["float32"]["min_ms"]
+        for n in names:
+            rows.append({
+                "tokens": t, "variant": n, **timing[n], "speedup_vs_f32": base / timing[n]["median_ms"],
+                "best_run_speedup_vs_f32": best / timing[n]["min_ms"],
+                "cosine_vs_f32": cosine(outs[n], outs["float32"]), "sqnr_db_vs_f32": sqnr(outs["float32"], outs[n]),
+            })
+            log.info("stack T=%d %-24s %8.2f ms  x%.2f  cos %.6f", t, n, timing[n]["median_ms"],
+                     base / timing[n]["median_ms"], rows[-1]["cosine_vs_f32"])
+    sizes = {n: _size(p) for n, p in files.items()}
+    return {"rows": rows, "sizes": sizes, "export_s": export_s}
+
+
+# --- (b) MiniLM -------------------------------------------------------------------------------------
+
+
+def bench_minilm(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
+    from qhl.models import load_minilm, sentiment_sentences
+
+    enc, tok = load_minilm()
+    batch = tok(sentiment_sentences(8), padding="max_length", max_length=128, truncation=True, return_tensors="pt")
+    example = (batch["input_ids"], batch["attention_mask"])
+    mask = batch["attention_mask"].numpy()[..., None].astype(np.float64)
+
+    def embed(hidden: np.ndarray) -> np.ndarray:
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    with torch.no_grad():
+        ref = embed(enc(*example)[0].numpy())
+    files, export_s, torch_cos = {}, {}, {}
+    for name, recipe, target in [("float32", "float", "standard"), ("qhl w8a8", "w8a8", "standard"),
+                                 ("qhl w8a8 (ort target)", "w8a8", "onnxruntime"), ("qhl w8a16", "w8a16", "standard"),
+                                 ("qhl w4a16", "w4a16", "standard")]:
+        res = export_onnx(enc, example, tmp / f"minilm_{recipe}_{target}.onnx", recipe=recipe, target=target)
+        files[name], export_s[name] = res.path, res.seconds
+        with torch.no_grad():
+            torch_cos[name] = float(np.mean([cosine(a, b) for a, b in zip(embed(res.report.graph_module(*example)[0].numpy()), ref)]))
+    t0 = time.perf_counter()
+    files["ORT quantize_dynamic"] = quantize_dynamic_file(files["float32"], tmp / "minilm_qdyn.onnx")
+    export_s["ORT quantize_dynamic"] = time.perf_counter() - t0
+    sessions = {n: qort.session(p) for n, p in files.items()}
+    feeds = {n: qort._feeds(s, example) for n, s in sessions.items()}
+    timing = round_robin({n: (lambda s=s, f=feeds[n]: s.run(None, f)) for n, s in sessions.items()}, reps)
+    base, best = timing["float32"]["median_ms"], timing["float32"]["min_ms"]
+    rows = []
+    for n, s in sessions.items():
+        emb = embed(s.run(None, feeds[n])[0])
+        cos = [cosine(a, b) for a, b in zip(emb, ref)]
+        rows.append({"variant": n, **timing[n], "speedup_vs_f32": base / timing[n]["median_ms"],
+                     "best_run_speedup_vs_f32": best / timing[n]["min_ms"],
+                     "embedding_cosine_vs_f32": float(np.mean(cos)), "embedding_cosine_min": float(np.min(cos)),
+                     "torch_embedding_cosine_vs_f32": torch_cos.get(n), "size_bytes": _size(files[n])})
+        log.info("MiniLM %-22s %8.2f ms  x%.2f  emb cos %.5f", n, timing[n]["median_ms"], rows[-1]["speedup_vs_f32"], rows[-1]["embedding_cosine_vs_f32"])
+    return {"rows": rows, "export_s": export_s, "batch": list(example[0].shape)}
+
+
+# --- (c) formulations on one Linear(4096, 4096) -----------------------------------------------------
+
+
+def _formulation_models() -> dict[str, Any]:
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from qhl.codegen import quant
+
+    torch.manual_seed(0)
+    w = torch.randn(WIDTH, WIDTH) * 0.02
+    wq, ws = (t.numpy() for t in quant.quantize_int8_per_channel(w))
+    k = WIDTH
+
+    def c(name, a):
+        return nh.from_array(np.asarray(a), name)
+
+    prologue = [
+        h.make_node("Abs", ["x"], ["ax"]), h.make_node("ReduceMax", ["ax", "m1"], ["amax"], keepdims=1),
+        h.make_node("Div", ["amax", "c127"], ["s0"]), h.make_node("Greater", ["s0", "zero"], ["gt"]),
+        h.make_node("Where", ["gt", "s0", "one"], ["sx"]),
+    ]
+    pro_init = [c("m1", np.array([-1], np.int64)), c("c127", np.float32(127)), c("zero", np.float32(0)),
+                c("one", np.float32(1)), c("wqT", wq.T.copy()), c("ws", ws)]
+    epilogue = [h.make_node("Cast", ["acc"], ["accf"], to=T.FLOAT), h.make_node("Mul", ["accf", "sx"], ["m"]),
+                h.make_node("Mul", ["m", "ws"], ["y"])]
+    variants = {
+        "w8a8 s8s8: Round/Clip/Cast int8 + MatMulInteger": (
+            [h.make_node("Div", ["x", "sx"], ["xs"]), h.make_node("Round", ["xs"], ["xr"]),
+             h.make_node("Clip", ["xr", "lo", "hi"], ["xc"]), h.make_node("Cast", ["xc"], ["xq"], to=T.INT8),
+             h.make_node("MatMulInteger", ["xq", "wqT"], ["acc"])],
+            [c("lo", np.float32(-127)), c("hi", np.float32(127))]),
+        "w8a8 u8 zp128: Round/Add/Clip/Cast + MatMulInteger": (
+            [h.make_node("Div", ["x", "sx"], ["xs"]), h.make_node("Round", ["xs"], ["xr"]),
+             h.make_node("Add", ["xr", "c128"], ["xa"]), h.make_node("Clip", ["xa", "lo", "hi"], ["xc"]),
+             h.make_node("Cast", ["xc"], ["xq"], to=T.UINT8), h.make_node("MatMulInteger", ["xq", "wqT", "azp"], ["acc"])],
+            [c("lo", np.float32(1)), c("hi", np.float32(255)), c("c128", np.float32(128)), c("azp", np.uint8(128))]),
+        "w8a8 u8 zp128: blocked QuantizeLinear + MatMulInteger (qhl)": (
+            [h.make_node("Shape", ["sx"], ["shp"]), h.make_node("Expand", ["azp", "shp"], ["zpe"]),
+             h.make_node("QuantizeLinear", ["x", "sx", "zpe"], ["xq"], axis=-1, block_size=k),
+             h.make_node("MatMulInteger", ["xq", "wqT", "azp"], ["acc"])],
+            [c("azp", np.uint8(128))]),
+        "w8a8 QDQ: Q -> DQ (per token) + DQ(W) + MatMul": (
+            [h.make_node("Shape", ["sx"], ["shp"]), h.make_node("Expand", ["azp", "shp"], ["zpe"]),
+             h.make_node("QuantizeLinear", ["x", "sx", "zpe"], ["xq"], axis=-1, block_size=k),
+             h.make_node("DequantizeLinear", ["xq", "sx", "zpe"], ["xd"], axis=-1, block_size=k),
+             h.make_node("DequantizeLinear", ["wqT", "ws"], ["wd"], axis=1), h.make_node("MatMul", ["xd", "wd"], ["y"])],
+            [c("azp", np.uint8(128))]),
+    }
+    models = {}
+    for name, (body, init) in variants.items():
+        nodes = prologue + body + ([] if "QDQ" in name else epilogue)
+        models[name] = (nodes, pro_init + init)
+    # weight-only int8: no activation prologue
+    models["w8a16 Cast(W) + MatMul + Mul (qhl)"] = (
+        [h.make_node("Cast", ["wqT"], ["wf"], to=T.FLOAT), h.make_node("MatMul", ["x", "wf"], ["mm"]),
+         h.make_node("Mul", ["mm", "ws"], ["y"])], [c("wqT", wq.T.copy()), c("ws", ws)])
+    models["w8a16 DequantizeLinear + MatMul (-> 8-bit MatMulNBits)"] = (
+        [h.make_node("DequantizeLinear", ["wqT", "ws"], ["wd"], axis=1), h.make_node("MatMul", ["x", "wd"], ["y"])],
+        [c("wqT", wq.T.copy()), c("ws", ws)])
+    models["float32 MatMul"] = ([h.make_node("MatMul", ["x", "w"], ["y"])], [c("w", w.numpy().T.copy())])
+    out = {}
+    for name, (nodes, init) in models.items():
+        g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["M", k])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["M", k])], init)
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+        m.ir_version = 10
+        onnx.checker.check_model(m)
+        out[name] = m.SerializeToString()
+    return out
+
+
+def bench_formulations(reps: int) -> list[dict[str, Any]]:
+    sessions, rows = {}, []
+    probe = np.ones((4, WIDTH), np.float32)
+    for n, b in _formulation_models().items():
+        try:  # a formulation ORT mis-fuses fails at run time: report it, do not time it
+            s = qort.session(b)
+            s.run(None, {"x": probe})
+            sessions[n] = s
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).strip().splitlines()[-1][-240:]
+            log.warning("formulation %s fails in ORT: %s", n, msg)
+            rows.append({"tokens": None, "formulation": n, "error": msg})
+    for t in (1, 64, 256):
+        x = np.random.default_rng(t).standard_normal((t, WIDTH)).astype(np.float32)
+        timing = round_robin({n: (lambda s=s: s.run(None, {"x": x})) for n, s in sessions.items()}, reps)
+        ref = sessions["float32 MatMul"].run(None, {"x": x})[0]
+        base = timing["float32 MatMul"]["median_ms"]
+        for n, s in sessions.items():
+            y = s.run(None, {"x": x})[0]
+            rows.append({"tokens": t, "formulation": n, **timing[n], "speedup_vs_f32": base / timing[n]["median_ms"],
+                         "cosine_vs_f32": cosine(y, ref)})
+            log.info("formulation T=%d %-60s %8.2f ms x%.2f", t, n, timing[n]["median_ms"], base / timing[n]["median_ms"])
+    return rows
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
+        "load_avg_at_start": os.getloadavg(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    out = [f"# qhl ONNX export on ONNX Runtime (CPU)", "",
+           f"{m['date']}, {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
+           f"load average at start {', '.join(f'{v:.1f}' for v in m['load_avg_at_start'])} (shared machine: medians of "
+           f"{res['reps']} round-robin runs). Sessions: ORT_ENABLE_ALL, MatMulNBits accuracy level 0.", ""]
+    if "stack" in res:
+        s = res["stack"]
+        out += ["## 4 x Linear(4096, 4096)", "",
+                "| tokens | variant | median ms | vs ORT float32 (median) | (best run) | cosine vs f32 | SQNR dB |",
+                "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in s["rows"]:
+            out.append(f"| {r['tokens']} | {r['variant']} | {r['median_ms']:.2f} | {r['speedup_vs_f32']:.2f}x | "
+                       f"{r['best_run_speedup_vs_f32']:.2f}x | {r['cosine_vs_f32']:.6f} | {r['sqnr_db_vs_f32']:.1f} |")
+        f32 = s["sizes"]["float32"]
+        out += ["", "| file | MiB | vs float32 |", "|---|---:|---:|"]
+        out += [f"| {n} | {b / 2**20:.1f} | {b / f32:.3f}x |" for n, b in s["sizes"].items()]
+    if "minilm" in res:
+        mm = res["minilm"]
+        out += ["", f"## all-MiniLM-L6-v2, batch {mm['batch'][0]} x {mm['batch'][1]} tokens", "",
+                "| variant | median ms | vs ORT float32 (median) | (best run) | embedding cosine vs f32 (mean / min) "
+                "| same recipe in torch | MiB |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in mm["rows"]:
+            tc = r["torch_embedding_cosine_vs_f32"]
+            out.append(f"| {r['variant']} | {r['median_ms']:.1f} | {r['speedup_vs_f32']:.2f}x | "
+                       f"{r['best_run_speedup_vs_f32']:.2f}x | "
+                       f"{r['embedding_cosine_vs_f32']:.5f} / {r['embedding_cosine_min']:.5f} | "
+                       f"{'-' if tc is None else f'{tc:.5f}'} | {r['size_bytes'] / 2**20:.1f} |")
+    if "formulations" in res:
+        out += ["", "## Formulations measured (one Linear(4096, 4096))", "",
+                "| tokens | formulation | median ms | vs float32 MatMul | cosine vs f32 |", "|---:|---|---:|---:|---:|"]
+        for r in res["formulations"]:
+            if "error" in r:
+                out.append(f"| all | {r['formulation']} | fails in ORT: {r['error'][-120:]} | | |")
+                continue
+            out.append(f"| {r['tokens']} | {r['formulation']} | {r['median_ms']:.2f} | {r['speedup_vs_f32']:.2f}x | "
+                       f"{r['cosine_vs_f32']:.6f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--skip-stack", action="store_true")
+    p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--skip-formulations", action="store_true")
+    p.add_argument("--out", default=str(RESULTS / "onnx_cpu"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("onnxscript", "onnx_ir", "torch", "qhl", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    res: dict[str, Any] = {"machine": machine(), "reps": max(7, args.reps)}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = pathlib.Path(d)
+        if not args.skip_formulations:
+            res["formulations"] = bench_formulations(res["reps"])
+        if not args.skip_stack:
+            res["stack"] = bench_stack(tmp, res["reps"])
+        if not args.skip_minilm:
+            res["minilm"] = bench_minilm(tmp, res["reps"])
+    res["machine"]["load_avg_at_end"] = os.getloadavg()
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
+    out.with_suffix(".md").write_text(to_markdown(res))
+    print(to_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

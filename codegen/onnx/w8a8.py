@@ -1,0 +1,79 @@
+"""ONNX face of qhl::w8a8_linear: per-token int8 activations x per-channel int8 weights.
+
+    x [..., K] float ─ per-token quantize (uint8, zero point 128) ─┐
+    Wq [N, K] int8 ── Transpose (folded at export) ── Wq^T [K, N] ─┴─ MatMulInteger ─ int32 [..., N]
+      ─ Cast(float) ─ Mul(s_x [..., 1]) ─ Mul(s_w [N]) ─ Add(b)                      = y [..., N]
+
+The activation codes are the spec's int8 codes shifted by 128 into uint8 with a_zero_point 128,
+so MatMulInteger computes exactly sum((q_u8 - 128) * Wq) = sum(q_i8 * Wq) in int32, the same
+integers as the spec's torch._int_mm. Why this formulation (all standard ONNX, opset 21),
+measured on the 4x Linear(4096) stack in ONNX Runtime 1.32 CPU (docs/onnx.md has the numbers):
+
+* int8 x int8 MatMulInteger: ORT's CPU kernel for s8s8 is slow (0.2-0.4x float32);
+  uint8 x int8 (zero point 128) is the fast path (VNNI): 2.5-4.6x float32.
+* QuantizeLinear with one block of size K per row is a little faster than Div/Round/Clip/Cast.
+* The QDQ form (QuantizeLinear -> DequantizeLinear -> float MatMul) is not fused by ORT for
+  per-token scales and runs at 0.1-0.8x float32.
+* DynamicQuantizeLinear + MatMulInteger (what ORT's quantize_dynamic emits) is per-tensor
+  asymmetric uint8: not qhl's math (it is less accurate), so it is only a speed baseline.
+* Do not spell the epilogue Mul(Cast(acc), Mul(s_x, s_w)): ORT 1.32's MatMulIntegerToFloat
+  fusion matches that pattern although s_x is per token, and the fused node's output is wrong
+  (2-3 % relative error, measured). The two chained Muls below are not matched.
+
+onnxruntime target: com.microsoft::MatMulIntegerToFloat(q, Wq^T, 1, s_w, 128) applies the
+per-channel weight scale inside the GEMM's output stage (saving the Cast and one Mul pass over
+[..., N]); the per-token scale and the bias stay a Mul and an Add (the contrib op's a_scale is
+per tensor only).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from qhl.codegen.onnx.per_token_quant import const, ms_op, opset, quantize_activations_u8
+
+__all__ = ["OPS", "translate", "translate_onnxruntime"]
+
+_OPS = [
+    "Abs", "ReduceMax", "Div", "Greater", "Where", "Shape", "Expand", "QuantizeLinear",
+    "MatMulInteger", "Cast", "Mul", "Add",
+]
+OPS: dict[str, list[str]] = {
+    "standard": _OPS,
+    "onnxruntime": _OPS[:8] + ["MatMulIntegerToFloat", "Mul", "Add"],
+}
+
+
+def translate(x: Any, w_int8: Any, w_scale: Any, bias: Any = None) -> Any:
+    """qhl::w8a8_linear(x, Wq [N, K] int8, s_w [N], b) -> y [..., N] (dtype of x)."""
+    from onnxscript import ir
+
+    op = opset()
+    x_dtype = getattr(x, "dtype", None)
+    xq, sx = quantize_activations_u8(x)
+    acc = op.MatMulInteger(xq, op.Transpose(w_int8, perm=[1, 0]), const(128, np.uint8))
+    y = op.Mul(op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), sx), w_scale)
+    if bias is not None:
+        y = op.Add(y, bias if getattr(bias, "dtype", None) == ir.DataType.FLOAT else op.Cast(bias, to=ir.DataType.FLOAT))
+    if x_dtype not in (None, ir.DataType.FLOAT):
+        y = op.Cast(y, to=x_dtype)
+    return y
+
+
+def translate_onnxruntime(x: Any, w_int8: Any, w_scale: Any, bias: Any = None) -> Any:
+    """The onnxruntime target: MatMulIntegerToFloat applies s_w in the GEMM's output stage."""
+    from onnxscript import ir
+
+    op = opset()
+    x_dtype = getattr(x, "dtype", None)
+    xq, sx = quantize_activations_u8(x)
+    acc = ms_op("MatMulIntegerToFloat")(
+        xq, op.Transpose(w_int8, perm=[1, 0]), const(1.0), w_scale, const(128, np.uint8)
+    )
+    y = op.Mul(acc, sx)
+    if bias is not None:
+        y = op.Add(y, bias if getattr(bias, "dtype", None) == ir.DataType.FLOAT else op.Cast(bias, to=ir.DataType.FLOAT))
+    if x_dtype not in (None, ir.DataType.FLOAT):
+        y = op.Cast(y, to=x_dtype)
+    return y

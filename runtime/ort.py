@@ -1,0 +1,142 @@
+"""qhl.runtime.ort: open qhl's ONNX files in ONNX Runtime, compare them with torch, time them.
+
+    sess = session("model.onnx")                       # accuracy level 0: float activations
+    outs = run(sess, (ids,))                           # torch tensors in, numpy arrays out
+    compare("model.onnx", report.graph_module, (ids,)) # {"cosine", "sqnr_db", "max_abs"}
+    timeit(lambda: run(sess, (ids,)), runs=7)          # {"median_ms", "min_ms", "runs"}
+
+Accuracy level: ORT fuses DequantizeLinear -> MatMul into com.microsoft::MatMulNBits, and with
+default session options gives the fused node accuracy_level 4, which quantizes the *activations*
+to int8 (W4A8 math, not qhl's W4A16). Sessions made here set
+`session.qdq_matmulnbits_accuracy_level` to "0" (activations stay float) unless told otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from qhl.errors import UnsupportedError
+
+__all__ = ["session", "run", "compare", "timeit", "time_session", "OPTIMIZATION_LEVELS"]
+
+log = logging.getLogger(__name__)
+
+OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disable")
+
+
+def session(
+    path: str | os.PathLike | bytes,
+    accuracy_level: int = 0,
+    optimization: str = "all",
+    threads: int | None = None,
+    providers: list[str] | None = None,
+) -> Any:
+    """An onnxruntime.InferenceSession with qhl's settings (see the module docstring)."""
+    import onnxruntime as ort
+
+    levels = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }
+    if optimization not in levels:
+        raise UnsupportedError(f"unknown optimization {optimization!r}; valid: {list(OPTIMIZATION_LEVELS)}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise UnsupportedError(f"MatMulNBits accuracy_level must be 0-4, got {accuracy_level}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[optimization]
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3  # errors only: ORT warns about every unused initializer it removes
+    src = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
+
+
+def _feeds(sess: Any, example_inputs: Any) -> dict[str, np.ndarray]:
+    leaves, _ = torch.utils._pytree.tree_flatten(example_inputs)
+    arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in leaves]
+    names = [i.name for i in sess.get_inputs()]
+    if len(arrays) < len(names):
+        raise UnsupportedError(f"the ONNX model takes {len(names)} inputs {names}; got {len(arrays)}")
+    # torch.onnx drops inputs the graph does not use (and constants); match the rest in order
+    return dict(zip(names, arrays[: len(names)]))
+
+
+def run(sess: Any, example_inputs: Any) -> list[np.ndarray]:
+    """Run a session on torch (or numpy) inputs, flattened in order."""
+    return sess.run(None, _feeds(sess, example_inputs))
+
+
+def _float_leaves(out: Any) -> list[np.ndarray]:
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    arrays = [x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in leaves]
+    return [np.asarray(a, dtype=np.float64) for a in arrays if np.issubdtype(np.asarray(a).dtype, np.floating)]
+
+
+def _metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    r, o = ref.reshape(-1), out.reshape(-1)
+    denom = float(np.linalg.norm(r) * np.linalg.norm(o))
+    err = float(np.sum((r - o) ** 2))
+    return {
+        "cosine": float(r @ o / denom) if denom > 0 else (1.0 if err == 0 else 0.0),
+        "sqnr_db": math.inf if err == 0 else 10 * math.log10(max(float(np.sum(r**2)), 1e-300) / err),
+        "max_abs": float(np.max(np.abs(r - o))) if r.size else 0.0,
+    }
+
+
+@torch.no_grad()
+def compare(
+    onnx_path: str | os.PathLike,
+    torch_fn: Callable[..., Any],
+    example_inputs: Any,
+    sess: Any = None,
+    **session_kw: Any,
+) -> dict[str, Any]:
+    """ORT output vs torch_fn(*example_inputs): worst cosine / SQNR (dB) / max |diff| over the
+    float outputs they share, in order, plus "outputs" (how many were compared)."""
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    sess = sess or session(onnx_path, **session_kw)
+    got = [np.asarray(a, dtype=np.float64) for a in run(sess, example_inputs) if np.issubdtype(a.dtype, np.floating)]
+    want = _float_leaves(torch_fn(*example_inputs))
+    pairs = [(w, g) for w, g in zip(want, got) if w.shape == g.shape]
+    if not pairs:
+        raise UnsupportedError(
+            f"no output of {onnx_path} lines up with the torch output "
+            f"(onnx shapes {[g.shape for g in got]}, torch shapes {[w.shape for w in want]})"
+        )
+    each = [_metrics(w, g) for w, g in pairs]
+    return {
+        "cosine": min(m["cosine"] for m in each),
+        "sqnr_db": min(m["sqnr_db"] for m in each),
+        "max_abs": max(m["max_abs"] for m in each),
+        "outputs": len(each),
+    }
+
+
+def timeit(fn: Callable[[], Any], runs: int = 7, warmup: int = 2) -> dict[str, Any]:
+    """Median and min wall time of fn() in ms over `runs` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
+
+
+def time_session(sess: Any, example_inputs: Any, runs: int = 7, warmup: int = 2) -> dict[str, Any]:
+    """timeit() of one ORT session on fixed inputs (the feeds are converted once)."""
+    feeds = _feeds(sess, example_inputs)
+    return timeit(lambda: sess.run(None, feeds), runs=runs, warmup=warmup)
