@@ -107,6 +107,7 @@ def bench_stack(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
     ]:
         res = export_onnx(model, example, tmp / f"stack_{recipe}_{kw.get('target', 'std')}.onnx", recipe=recipe, **kw)
         files[name], export_s[name] = res.path, res.seconds
+        log.info("exported %s in %.1fs: %s", name, res.seconds, res.ops)
     # the same w8a8 export with the Div/Round/Clip/Cast quantizer instead of QuantizeLinear (A/B)
     ptq.QUANTIZER = "round"
     try:
@@ -114,7 +115,6 @@ def bench_stack(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
     finally:
         ptq.QUANTIZER = "quantize_linear"
     files[ROUND], export_s[ROUND] = res.path, res.seconds
-        log.info("exported %s in %.1fs: %s", name, res.seconds, res.ops)
     t0 = time.perf_counter()
     files["ORT quantize_dynamic"] = quantize_dynamic_file(files["float32"], tmp / "stack_qdyn.onnx")
     export_s["ORT quantize_dynamic"] = time.perf_counter() - t0
@@ -268,7 +268,7 @@ def bench_formulations(reps: int) -> list[dict[str, Any]]:
             s.run(None, {"x": probe})
             sessions[n] = s
         except Exception as e:  # noqa: BLE001
-            msg = str(e).strip().splitlines()[-1][-240:]
+            msg = " ".join(str(e).split("Status Message:")[-1].split())[:300]
             log.warning("formulation %s fails in ORT: %s", n, msg)
             rows.append({"tokens": None, "formulation": n, "error": msg})
     for t in (1, 64, 256):
@@ -339,7 +339,7 @@ def to_markdown(res: dict[str, Any]) -> str:
                 "| tokens | formulation | median ms | vs float32 MatMul | cosine vs f32 |", "|---:|---|---:|---:|---:|"]
         for r in res["formulations"]:
             if "error" in r:
-                out.append(f"| all | {r['formulation']} | fails in ORT: {r['error'][-120:]} | | |")
+                out.append(f"| all | {r['formulation']} | fails in ORT: {r['error'].split(') const ')[-1][:200]} | | |")
                 continue
             out.append(f"| {r['tokens']} | {r['formulation']} | {r['median_ms']:.2f} | {r['speedup_vs_f32']:.2f}x | "
                        f"{r['cosine_vs_f32']:.6f} |")

@@ -6,11 +6,12 @@
 (c) wall-clock of SmolLM2-135M's first call under qhl w8a8 (capture + passes + packing).
 
 Every timing is the whole compiled call (per-token quantization prologue, GEMM and dequantize
-epilogue included), under no_grad, after warmup, as the median of >= 7 runs. Variants are timed
-round-robin (one call of each in turn) so that a noisy neighbour slows all of them alike.
+epilogue included), under no_grad, after warmup: the median of rounds x reps (>= 7) calls. Variants
+are timed round-robin (one call of each in turn) so that a noisy neighbour slows all of them alike,
+and the rounds are spread over the run; the spread of the per-round ratios is reported too.
 Writes benchmarks/results/speed_cpu.{json,md}.
 
-    .venv/bin/python benchmarks/speed.py [--quick] [--reps 9]
+    .venv/bin/python benchmarks/speed.py [--quick] [--reps 7] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -59,46 +60,77 @@ def compile_torchao(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return torch.compile(m, dynamic=False)
 
 
-def bench(fns: dict[str, Callable[[], Any]], warmup: int, reps: int) -> dict[str, dict[str, float]]:
-    """Median/min ms per variant; the first call (compile) is timed separately. Failures -> error."""
-    out: dict[str, dict[str, Any]] = {}
-    live = {}
-    for name, fn in fns.items():
-        try:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                fn()
-            out[name] = {"first_call_s": time.perf_counter() - t0}
-            with torch.no_grad():
-                for _ in range(warmup):
+class Bench:
+    """Variants timed round-robin, one call of each in turn; samples accumulate over rounds.
+
+    The first call of each variant (compilation) is timed on its own, then `warmup` calls are
+    discarded. A variant that fails is reported with its error, never dropped silently.
+    """
+
+    def __init__(self, fns: dict[str, Callable[[], Any]], warmup: int):
+        self.out: dict[str, dict[str, Any]] = {}
+        self.live: dict[str, Callable[[], Any]] = {}
+        for name, fn in fns.items():
+            try:
+                with torch.no_grad():
+                    t0 = time.perf_counter()
                     fn()
-            live[name] = fn
-        except Exception as e:  # noqa: BLE001 - a variant that fails is reported, not hidden
-            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
-            log.error("%s FAILED: %s", name, msg)
-            out[name] = {"error": msg, "median_ms": math.nan}
-    times: dict[str, list[float]] = {n: [] for n in live}
-    with torch.no_grad():
-        for _ in range(reps):
-            for name, fn in live.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    for name, ts in times.items():
-        out[name].update(median_ms=statistics.median(ts), min_ms=min(ts), runs=len(ts))
-    return out
+                    self.out[name] = {"first_call_s": time.perf_counter() - t0}
+                    for _ in range(warmup):
+                        fn()
+                self.live[name] = fn
+            except Exception as e:  # noqa: BLE001 - a variant that fails is reported, not hidden
+                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
+                log.error("%s FAILED: %s", name, msg)
+                self.out[name] = {"error": msg, "median_ms": math.nan}
+        self.times: dict[str, list[float]] = {n: [] for n in self.live}
+        self.rounds: dict[str, list[float]] = {n: [] for n in self.live}
+
+    def sample(self, reps: int) -> None:
+        batch: dict[str, list[float]] = {n: [] for n in self.live}
+        with torch.no_grad():
+            for _ in range(reps):
+                for name, fn in self.live.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    batch[name].append((time.perf_counter() - t0) * 1e3)
+        for name, ts in batch.items():
+            self.times[name] += ts
+            self.rounds[name].append(statistics.median(ts))
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        for name, ts in self.times.items():
+            self.out[name].update(median_ms=statistics.median(ts), min_ms=min(ts), runs=len(ts),
+                                  round_medians_ms=self.rounds[name])
+        return self.out
 
 
-def part_a(tokens: list[int], warmup: int, reps: int) -> list[dict[str, Any]]:
+def _ratio_range(num: dict[str, Any], den: dict[str, Any]) -> list[float]:
+    """min and max over rounds of num/den round medians: how much the ratio moved with the noise."""
+    pairs = [a / b for a, b in zip(num.get("round_medians_ms", []), den.get("round_medians_ms", []))]
+    return [min(pairs), max(pairs)] if pairs else [math.nan, math.nan]
+
+
+def part_a(tokens: list[int], warmup: int, reps: int, rounds: int) -> list[dict[str, Any]]:
     torch._dynamo.reset()
     model = stack()
     qhl_c = compile_qhl(model, "w8a8")
     ao_c = compile_torchao(model)
+    xs = {m: torch.randn(m, WIDTH) for m in tokens}
+    benches = {}
+    for m, x in xs.items():
+        log.info("(a) %d tokens: compiling eager / qhl w8a8 / torchao int8dq", m)
+        fns = {"eager": lambda x=x: model(x), "qhl": lambda x=x: qhl_c(x), "torchao": lambda x=x: ao_c(x)}
+        benches[m] = Bench(fns, warmup)
+    # Rounds spread each token count's samples over the whole run, so a burst of load from a
+    # neighbour lands on every token count rather than ruining one of them.
+    for rnd in range(rounds):
+        log.info("(a) timing round %d/%d", rnd + 1, rounds)
+        for m in tokens:
+            benches[m].sample(reps)
     rows = []
-    for m in tokens:
-        x = torch.randn(m, WIDTH)
-        log.info("(a) %d tokens: compiling and timing eager / qhl w8a8 / torchao int8dq", m)
-        r = bench({"eager": lambda: model(x), "qhl": lambda: qhl_c(x), "torchao": lambda: ao_c(x)}, warmup, reps)
+    for m, x in xs.items():
+        r = benches[m].summary()
         with torch.no_grad():
             ref = model(x)
             for name, fn in (("qhl", qhl_c), ("torchao", ao_c)):
@@ -106,13 +138,14 @@ def part_a(tokens: list[int], warmup: int, reps: int) -> list[dict[str, Any]]:
                     r[name]["sqnr_db"] = sqnr_db(ref, fn(x))
         e, q, t = (r[k]["median_ms"] for k in ("eager", "qhl", "torchao"))
         rows.append(dict(tokens=m, results=r, qhl_speedup_vs_eager=e / q, torchao_speedup_vs_eager=e / t,
-                         qhl_vs_torchao=t / q))
-        log.info("    eager %.2f ms | qhl %.2f ms (%.2fx) | torchao %.2f ms (%.2fx) | qhl/torchao speed %.2fx",
-                 e, q, e / q, t, e / t, t / q)
+                         qhl_vs_torchao=t / q, qhl_speedup_range=_ratio_range(r["eager"], r["qhl"]),
+                         qhl_vs_torchao_range=_ratio_range(r["torchao"], r["qhl"])))
+        log.info("(a) %4d tokens: eager %.2f ms | qhl %.2f ms (%.2fx) | torchao %.2f ms (%.2fx) | "
+                 "qhl/torchao speed %.2fx", m, e, q, e / q, t, e / t, t / q)
     return rows
 
 
-def part_b(warmup: int, reps: int) -> dict[str, Any]:
+def part_b(warmup: int, reps: int, rounds: int) -> dict[str, Any]:
     torch._dynamo.reset()
     model = stack()
     x = torch.randn(1, WIDTH)
@@ -120,8 +153,11 @@ def part_b(warmup: int, reps: int) -> dict[str, Any]:
     compiled = {"w8a16": compile_qhl(model, "w8a16"), "w4a16": compile_qhl(model, "w4a16", group_size=128)}
     for name, c in compiled.items():
         fns[f"qhl {name}"] = lambda c=c: c(x)
-    log.info("(b) 1 token: eager / qhl w8a16 / qhl w4a16 (g128)")
-    r = bench(fns, warmup, reps)
+    log.info("(b) 1 token: compiling and timing eager / qhl w8a16 / qhl w4a16 (g128)")
+    bench = Bench(fns, warmup)
+    for _ in range(rounds):
+        bench.sample(reps)
+    r = bench.summary()
     with torch.no_grad():
         ref = model(x)
         for name, c in compiled.items():
@@ -131,7 +167,8 @@ def part_b(warmup: int, reps: int) -> dict[str, Any]:
     for name in compiled:
         q = r[f"qhl {name}"]
         q["speedup_vs_eager"] = e / q["median_ms"]
-        log.info("    eager %.2f ms | qhl %s %.2f ms (%.2fx)", e, name, q["median_ms"], q["speedup_vs_eager"])
+        q["speedup_range"] = _ratio_range(r["eager"], q)
+        log.info("(b) eager %.2f ms | qhl %s %.2f ms (%.2fx)", e, name, q["median_ms"], q["speedup_vs_eager"])
     return dict(tokens=1, results=r)
 
 
@@ -150,7 +187,9 @@ def part_c() -> dict[str, Any]:
         compiled(ids)
         first_s = time.perf_counter() - t0
     # Warm calls, round-robin like (a): median of 5 each.
-    warm = bench({"eager": lambda: model(ids), "qhl": lambda: compiled(ids)}, warmup=1, reps=5)
+    bench = Bench({"eager": lambda: model(ids), "qhl": lambda: compiled(ids)}, warmup=1)
+    bench.sample(5)
+    warm = bench.summary()
     eager_s, second_s = warm["eager"]["median_ms"] / 1e3, warm["qhl"]["median_ms"] / 1e3
     layers = be.graphs[-1].layers if be.graphs else []
     out = dict(tokens=list(ids.shape), first_call_s=first_s, second_call_s=second_s, eager_call_s=eager_s,
@@ -169,7 +208,8 @@ def qhl_sources() -> dict[str, str]:
     files = sorted(p for d in ("compiler", "passes", "codegen", "runtime") for p in (root / d).rglob("*.py"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
     newest = max(files, key=lambda p: p.stat().st_mtime)
-    stamp = datetime.datetime.fromtimestamp(newest.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    mtime = datetime.datetime.fromtimestamp(newest.stat().st_mtime, datetime.timezone.utc)
+    stamp = mtime.strftime("%Y-%m-%d %H:%M:%S UTC")
     return dict(sha256=digest, newest_file=str(newest.relative_to(root)), newest_mtime=stamp)
 
 
@@ -183,21 +223,29 @@ def machine() -> dict[str, Any]:
 
     return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 torchao=torchao.__version__, python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), qhl=qhl_sources())
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                qhl=qhl_sources(),
+                load_avg_1m=round(os.getloadavg()[0], 2))
 
 
 def _ms(r: dict[str, Any]) -> str:
     return f"FAILED ({r['error']})".replace("|", "/") if "error" in r else f"{r['median_ms']:.2f}"
 
 
+def _rng(r: list[float] | None) -> str:
+    return f"[{r[0]:.2f}-{r[1]:.2f}]" if r and len(r) == 2 and r[0] != r[1] else ""
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
         f"### CPU speed - {m['date']}", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, "
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), 1-min load average "
+        f"{m['load_avg_1m']} at start (> 1 means other processes shared the cores); torch {m['torch']}, "
         f"torchao {m['torchao']}; qhl sources {m['qhl']['sha256']} ({m['qhl']['newest_file']}, "
-        f"{m['qhl']['newest_mtime']}). Median of {res['args']['reps']} runs after {res['args']['warmup']} warmup calls, "
-        "whole compiled call timed (activation quantization and dequantization included).", "",
+        f"{m['qhl']['newest_mtime']}). Median of {res['args']['rounds']} rounds x {res['args']['reps']} calls "
+        f"after {res['args']['warmup']} warmup calls, variants round-robin; whole compiled call timed (activation "
+        "quantization and dequantization included). [a-b] = range of the ratio over the rounds.", "",
         f"**(a) {DEPTH} x nn.Linear({WIDTH}, {WIDTH}), w8a8**", "",
         "| tokens | eager fp32 (ms) | qhl w8a8 (ms) | torchao int8dq + inductor (ms) | qhl vs eager | "
         "torchao vs eager | qhl vs torchao | SQNR qhl / torchao (dB) |",
@@ -207,18 +255,25 @@ def markdown(res: dict[str, Any]) -> str:
         r = row["results"]
         lines.append(
             f"| {row['tokens']} | {_ms(r['eager'])} | {_ms(r['qhl'])} | {_ms(r['torchao'])} | "
-            f"{row['qhl_speedup_vs_eager']:.2f}x | {row['torchao_speedup_vs_eager']:.2f}x | {row['qhl_vs_torchao']:.2f}x | "
+            f"{row['qhl_speedup_vs_eager']:.2f}x {_rng(row['qhl_speedup_range'])} | "
+            f"{row['torchao_speedup_vs_eager']:.2f}x | "
+            f"{row['qhl_vs_torchao']:.2f}x {_rng(row['qhl_vs_torchao_range'])} | "
             f"{r['qhl'].get('sqnr_db', math.nan):.1f} / {r['torchao'].get('sqnr_db', math.nan):.1f} |")
     lines += ["", "qhl vs torchao > 1 means qhl is faster.", "",
-              "**(b) weight-only at 1 token**", "", "| variant | ms | vs eager fp32 | SQNR (dB) |", "|---|---:|---:|---:|"]
+              "**(b) weight-only at 1 token**", "",
+              "| variant | ms | vs eager fp32 | SQNR (dB) |", "|---|---:|---:|---:|"]
     for name, r in res["b"]["results"].items():
-        sp = "1.00x" if name == "eager" else f"{r.get('speedup_vs_eager', math.nan):.2f}x"
+        if name == "eager":
+            lines.append(f"| {name} | {_ms(r)} | 1.00x | reference |")
+            continue
+        sp = f"{r.get('speedup_vs_eager', math.nan):.2f}x {_rng(r.get('speedup_range'))}"
         lines.append(f"| {name} | {_ms(r)} | {sp} | {r.get('sqnr_db', math.nan):.1f} |")
     c = res.get("c")
     lines += ["", "**(c) SmolLM2-135M compile under qhl w8a8**", ""]
     if c:
         lines.append(f"First call (1x128 tokens, capture + AOTAutograd + passes + weight packing + run): "
-                     f"{c['first_call_s']:.1f} s, of which qhl passes {c['qhl_passes_s']:.1f} s. Warm calls (median of 5): "
+                     f"{c['first_call_s']:.1f} s, of which qhl passes {c['qhl_passes_s']:.1f} s. "
+                     "Warm calls (median of 5): "
                      f"qhl w8a8 {c['second_call_s'] * 1e3:.0f} ms, eager float32 {c['eager_call_s'] * 1e3:.0f} ms; "
                      f"{c['rewritten']} matmuls rewritten.")
     else:
@@ -239,8 +294,12 @@ def _json_safe(v: Any) -> Any:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 and 64 tokens, 7 runs, no SmolLM2 compile")
-    ap.add_argument("--reps", type=int, default=None, help="timed runs per variant (>= 7)")
+    ap.add_argument("--reps", type=int, default=7, help="timed calls per variant per round (>= 7)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timing rounds spread over the run (default 3, quick 1)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's). On a shared box, 1 avoids OpenMP barrier stalls")
     args = ap.parse_args()
     # qhl and inductor compile the same nn.Sequential.forward code object once per token count:
     # allow that many graphs, and fail loudly rather than silently fall back to eager past the limit
@@ -248,17 +307,20 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args.reps = max(7, args.reps or (7 if args.quick else 11))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.reps = max(7, args.reps)
+    args.rounds = max(1, args.rounds or (1 if args.quick else 3))
     tokens = [1, 64] if args.quick else [1, 64, 256, 512]
     t0 = time.perf_counter()
     res: dict[str, Any] = dict(machine=machine(), args=vars(args))
-    res["a"] = part_a(tokens, args.warmup, args.reps)
-    res["b"] = part_b(args.warmup, args.reps)
+    res["a"] = part_a(tokens, args.warmup, args.reps, args.rounds)
+    res["b"] = part_b(args.warmup, args.reps, args.rounds)
     res["c"] = None if args.quick else part_c()
     res["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
     md = markdown(res)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_threads{args.threads}" if args.threads else "")
     (RESULTS / f"speed_cpu{suffix}.json").write_text(json.dumps(_json_safe(res), indent=2) + "\n")
     (RESULTS / f"speed_cpu{suffix}.md").write_text(md)
     print(md)

@@ -23,11 +23,16 @@ __all__ = ["w4a16_linear", "w4a16_linear_spec"]
 # CPU: dequantize a tile of weight rows at a time into a reused float32 buffer that stays in cache
 # for the GEMM. The tile holds each row's low nibbles (even k) then its high nibbles (odd k), so
 # unpacking needs no interleave; x is permuted once to match ([x_even | x_odd]).
+# 4 MiB stays in L3 and is best for few tokens; with many tokens the GEMM dominates and fewer, larger
+# tiles (fewer re-packs of x) win.
 _TILE_BYTES = 4 << 20
+_TILE_BYTES_MANY_TOKENS = 8 << 20
+_MANY_TOKENS = 256
 
 
-def _tile_rows(n: int, k: int) -> int:
-    return min(n, max(16, (_TILE_BYTES // (4 * k)) // 16 * 16))
+def _tile_rows(m: int, n: int, k: int) -> int:
+    tile_bytes = _TILE_BYTES_MANY_TOKENS if m >= _MANY_TOKENS else _TILE_BYTES
+    return min(n, max(16, (tile_bytes // (4 * k)) // 16 * 16))
 
 
 def w4a16_linear_spec(
@@ -38,6 +43,8 @@ def w4a16_linear_spec(
     g = group_size
     if not (
         quant._cpu_fast_path_ok(x, packed, scale, zero, bias)
+        and packed.dtype == torch.uint8
+        and zero.dtype == torch.uint8
         and g % 2 == 0
         and k % g == 0
         and scale.shape == (n, k // g)
@@ -49,12 +56,14 @@ def w4a16_linear_spec(
     m = x2.shape[0]
     xp = x2.reshape(m, kh, 2).transpose(1, 2).reshape(m, k)  # [x_even | x_odd]
     sf = scale if scale.dtype == torch.float32 else scale.float()
-    # Symmetric weights (every zero point 8) subtract the zero as an int8 scalar, cheaper than a
-    # broadcast float subtraction. Checking costs one pass over the small zero tensor.
+    # c - z is exact in int8 or float32. Symmetric weights (every zero point 8) subtract an int8
+    # scalar (checking costs one pass over the small zero tensor); otherwise subtract per group, in
+    # int8 when a half-group fills a 64-byte vector (g >= 128), else in float32 after the convert.
     symmetric = bool((zero == 8).all())
-    zf = None if symmetric else zero.float()
+    zero_i8 = zero.view(torch.int8) if (not symmetric and gh >= 64) else None
+    zf = zero.float() if (not symmetric and zero_i8 is None) else None
     y = torch.empty(m, n)
-    rows = _tile_rows(n, k)
+    rows = _tile_rows(m, n, k)
     codes = quant._scratch("w4a16.c", (rows, 2, kh), torch.uint8)
     tile = quant._scratch("w4a16.w", (rows, 2, ng, gh), torch.float32)
     for n0 in range(0, n, rows):
@@ -65,9 +74,12 @@ def w4a16_linear_spec(
         torch.bitwise_right_shift(p, 4, out=c[:, 1])  # c[n, 2j + 1]
         t = tile[:r]
         if symmetric:
-            t.copy_(c.view(torch.int8).sub_(8).view(r, 2, ng, gh))  # c - z, exact
+            t.copy_(c.view(torch.int8).sub_(8).view(r, 2, ng, gh))
+        elif zero_i8 is not None:
+            d = c.view(torch.int8).view(r, 2, ng, gh)
+            t.copy_(d.sub_(zero_i8[n0 : n0 + r].view(r, 1, ng, 1)))
         else:
-            t.copy_(c.view(r, 2, ng, gh)).sub_(zf[n0 : n0 + r].view(r, 1, ng, 1))  # exact
+            t.copy_(c.view(r, 2, ng, gh)).sub_(zf[n0 : n0 + r].view(r, 1, ng, 1))
         t.mul_(sf[n0 : n0 + r].view(r, 1, ng, 1))  # (c - z) * s: the spec's float32 weight
         torch.mm(xp, t.view(r, k).t(), out=y[:, n0 : n0 + r])
     if bias is not None:

