@@ -22,6 +22,7 @@ __all__ = [
     "backend",
     "inspect",
     "export_onnx",
+    "ExportResult",
     "recipe",
     "recipes",
     "Recipe",
@@ -50,10 +51,10 @@ def __getattr__(name: str):
         from qhl import report
 
         return getattr(report, name)
-    if name == "export_onnx":
-        from qhl.onnx_export import export_onnx
+    if name in ("export_onnx", "ExportResult"):
+        from qhl import onnx_export
 
-        return export_onnx
+        return getattr(onnx_export, name)
     if name == "sqnr_db":
         from qhl.metrics import sqnr_db
 

@@ -65,6 +65,7 @@ class LayerRow:
             weight_bytes_after=info.weight_bytes_after,
             kernel_name=info.kernel_name,
             kernel_source=info.kernel_source,
+            onnx_ops=_onnx_ops(info.form),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,6 +73,15 @@ class LayerRow:
         d["x_shape"] = list(self.x_shape)
         d["sqnr_db"] = _json_float(d["sqnr_db"])
         return d
+
+
+def _onnx_ops(form: str | None) -> list[str]:
+    """The ONNX op types a form becomes in qhl.export_onnx (standard target); [] for float layers."""
+    if not form:
+        return []
+    from qhl.codegen.onnx import ops_for_form  # cheap: does not import onnxscript
+
+    return ops_for_form(form)
 
 
 def layer_rows(gm: fx.GraphModule) -> list[LayerRow]:
