@@ -176,7 +176,7 @@ def fake_quant_w4a16_linear(
 
 _scratch_tls = threading.local()
 _SCRATCH_MIN_BYTES = 1 << 18  # below this a fresh allocation is cheaper than the bookkeeping
-_SCRATCH_MAX_BYTES = 64 << 20  # above this, do not keep the memory around between calls
+_SCRATCH_MAX_BYTES = 32 << 20  # above this, do not keep the memory around between calls
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:

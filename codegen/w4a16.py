@@ -4,7 +4,8 @@
     y[..., N] = x @ W.T (+ b)
 
 x [..., K] float; packed uint8 [N, K/2]; scale float32 [N, K/g]; zero uint8 [N, K/g] (8 when
-symmetric). Faces: spec (CPU, here: dequantized one cache-sized tile of rows at a time), fake, kernel (codegen/triton/weight_only.py, CUDA: a
+symmetric). Faces: spec (CPU, here: dequantized one cache-sized tile of rows at a time, see
+benchmarks/cpu_spec_notes.md), fake, kernel (codegen/triton/weight_only.py, CUDA: a
 dequantizing GEMM), grad (dx through the dequantized weight; weight frozen), onnx (next issue:
 blocked uint4 DequantizeLinear + MatMul).
 """
@@ -23,15 +24,23 @@ __all__ = ["w4a16_linear", "w4a16_linear_spec"]
 # CPU: dequantize a tile of weight rows at a time into a reused float32 buffer that stays in cache
 # for the GEMM. The tile holds each row's low nibbles (even k) then its high nibbles (odd k), so
 # unpacking needs no interleave; x is permuted once to match ([x_even | x_odd]).
-# 4 MiB stays in L3 and is best for few tokens; with many tokens the GEMM dominates and fewer, larger
-# tiles (fewer re-packs of x) win.
+# Tile size by tokens M (measured, 4096 x 4096): 8 MiB (fewer chunks, still L3-resident) for decode,
+# 4 MiB for medium M where the GEMM re-reads the tile, 8 MiB again for many tokens, where the
+# GEMM dominates and fewer tiles mean fewer re-packs of x.
 _TILE_BYTES = 4 << 20
+_TILE_BYTES_FEW_TOKENS = 8 << 20
 _TILE_BYTES_MANY_TOKENS = 8 << 20
+_FEW_TOKENS = 16
 _MANY_TOKENS = 256
 
 
 def _tile_rows(m: int, n: int, k: int) -> int:
-    tile_bytes = _TILE_BYTES_MANY_TOKENS if m >= _MANY_TOKENS else _TILE_BYTES
+    if m < _FEW_TOKENS:
+        tile_bytes = _TILE_BYTES_FEW_TOKENS
+    elif m >= _MANY_TOKENS:
+        tile_bytes = _TILE_BYTES_MANY_TOKENS
+    else:
+        tile_bytes = _TILE_BYTES
     return min(n, max(16, (tile_bytes // (4 * k)) // 16 * 16))
 
 

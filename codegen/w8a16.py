@@ -3,8 +3,9 @@
     y[..., N] = (x @ Wq.T) * s_w (+ b)         x [..., K] float, Wq [N, K] int8, s_w [N]
 
 Applying s_w after the product is the same math as x @ (Wq * s_w).T and saves a pass over W.
-Faces: spec (CPU, here: Wq converted to float32 one cache-sized tile of rows at a time), fake, kernel (codegen/triton/weight_only.py, CUDA), grad (dx through
-the dequantized weight; weight frozen), onnx (next issue: DequantizeLinear + MatMul).
+Faces: spec (CPU, here: Wq converted to float32 one cache-sized tile of rows at a time), fake,
+kernel (codegen/triton/weight_only.py, CUDA), grad (dx through the dequantized weight; weight
+frozen), onnx (next issue: DequantizeLinear + MatMul).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ __all__ = ["w8a16_linear", "w8a16_linear_spec"]
 
 # CPU: dequantize the weight a tile of rows at a time into a reused float32 buffer that stays in
 # cache for the GEMM, instead of writing (and page-faulting) a full float32 copy of W every call.
-# 4 MiB stays in L3 and is best for few tokens; with many tokens the GEMM dominates and fewer, larger
-# tiles (fewer re-packs of x) win.
+# 4 MiB stays in L3 and is best for few tokens; with many tokens the GEMM dominates and fewer,
+# larger tiles (fewer re-packs of x) win.
 _TILE_BYTES = 4 << 20
 _TILE_BYTES_MANY_TOKENS = 16 << 20
 _MANY_TOKENS = 256

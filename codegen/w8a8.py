@@ -26,9 +26,9 @@ __all__ = ["w8a8_linear", "w8a8_linear_spec"]
 # CPU: which GEMM formulation, by the number of tokens M (measured in benchmarks/cpu_spec_notes.md).
 # M = 1 (a GEMV) is oneDNN's fastest s8 x s8 shape per token, so up to a few tokens run one GEMV
 # each. Above that its s8 x s8 GEMM is much faster as acc^T = Wq @ q^T than as q @ Wq^T for
-# small/medium M (the transpose back is paid in the epilogue). For large M, u8 x s8 (VNNI-native) wins
-# once the transposed epilogue is counted: q + 128 as uint8, and one extra activation row of 128s
-# whose output row is the compensation 128 * sum_k Wq[n, k], subtracted exactly in int32.
+# small/medium M (the transpose back is paid in the epilogue). For large M, u8 x s8 (VNNI-native)
+# wins once the transposed epilogue is counted: q + 128 as uint8, and one extra activation row of
+# 128s whose output row is the compensation 128 * sum_k Wq[n, k], subtracted exactly in int32.
 _ROWWISE_MAX_M = 4
 _TRANSPOSED_MAX_M = 256
 
@@ -41,33 +41,40 @@ def w8a8_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
-    # Prologue: quant.quantize_per_token, bit for bit (same scale, same x / scale, round, clamp).
-    xf = x2.float()
-    xs = quant._per_token_scale(xf)
-    v = torch.div(xf, xs, out=quant._scratch("w8a8.v", (m, k), torch.float32))
-    v.round_().clamp_(-quant.INT8_QMAX, quant.INT8_QMAX)
     ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
-    if m <= _TRANSPOSED_MAX_M:
-        xq = quant._scratch("w8a8.q", (m, k), torch.int8).copy_(v)
-        if m <= _ROWWISE_MAX_M:
+    if m <= _ROWWISE_MAX_M:
+        xq, xs = quant.quantize_per_token(x2)
+        if m == 1:
+            acc = torch._int_mm(xq, w_int8.t())
+        else:
             acc = torch.empty(m, n, dtype=torch.int32)
             for i in range(m):
                 torch._int_mm(xq[i : i + 1], w_int8.t(), out=acc[i : i + 1])
-            y = torch.mul(acc, ws)
-        else:
-            acc_t = torch._int_mm(w_int8, xq.t(), out=quant._scratch("w8a8.acc", (n, m), torch.int32))
+        y = torch.mul(acc, ws)
+    else:
+        # Prologue: quant.quantize_per_token bit for bit (same scale, x / scale, round, clamp),
+        # through reused buffers.
+        xf = x2.float()
+        xs = quant._per_token_scale(xf)
+        v = torch.div(xf, xs, out=quant._scratch("w8a8.v", (m, k), torch.float32))
+        v.round_().clamp_(-quant.INT8_QMAX, quant.INT8_QMAX)
+        if m <= _TRANSPOSED_MAX_M:
+            xq = quant._scratch("w8a8.q", (m, k), torch.int8).copy_(v)
+            acc_t = quant._scratch("w8a8.acc", (n, m), torch.int32)
+            torch._int_mm(w_int8, xq.t(), out=acc_t)
             y_t = quant._scratch("w8a8.yt", (n, m), torch.float32).copy_(acc_t)
             y_t.mul_(ws[:, None])
             y = torch.empty(m, n).copy_(y_t.t())
-    else:
-        xu = quant._scratch("w8a8.u", (m + 1, k), torch.uint8)
-        xu[:m].view(torch.int8).copy_(v)
-        xu[:m].bitwise_xor_(0x80)  # q + 128 in [1, 255]
-        xu[m].fill_(128)
-        acc = torch._int_mm(xu, w_int8.t(), out=quant._scratch("w8a8.acc", (m + 1, n), torch.int32))
-        acc[:m].sub_(acc[m])  # exact: sum (q + 128) w - sum 128 w
-        y = acc[:m].to(torch.float32)
-        y.mul_(ws)
+        else:
+            xu = quant._scratch("w8a8.u", (m + 1, k), torch.uint8)
+            xu[:m].view(torch.int8).copy_(v)
+            xu[:m].bitwise_xor_(0x80)  # q + 128 in [1, 255]
+            xu[m].fill_(128)
+            acc = quant._scratch("w8a8.acc", (m + 1, n), torch.int32)
+            torch._int_mm(xu, w_int8.t(), out=acc)
+            acc[:m].sub_(acc[m])  # exact: sum (q + 128) w - sum 128 w
+            y = acc[:m].to(torch.float32)
+            y.mul_(ws)
     # Epilogue: y = acc * s_w * s_x (+ b), in place on the fresh output.
     if bias is not None:
         y = torch.addcmul(bias.float(), y, xs, out=y)
