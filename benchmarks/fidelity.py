@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import inspect
 import json
 import logging
 import math
 import os
 import pathlib
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 
 import qhl
+from bench_env import machine
 from qhl.codegen import quant
 from qhl.metrics import perplexity, sqnr_db
 from qhl.models import load_minilm, load_smollm2, news_corpus_tokens, sentiment_sentences
@@ -364,36 +363,6 @@ def checks(
     return out
 
 
-def qhl_sources() -> dict[str, str]:
-    """A fingerprint of the qhl code measured: qhl changes often, and numbers belong to a version."""
-    import hashlib
-
-    root = pathlib.Path(qhl.__file__).resolve().parent.parent
-    files = sorted(p for d in ("compiler", "passes", "codegen", "runtime") for p in (root / d).rglob("*.py"))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
-    newest = max(files, key=lambda p: p.stat().st_mtime)
-    mtime = datetime.datetime.fromtimestamp(newest.stat().st_mtime, datetime.timezone.utc)
-    stamp = mtime.strftime("%Y-%m-%d %H:%M:%S UTC")
-    return dict(sha256=digest, newest_file=str(newest.relative_to(root)), newest_mtime=stamp)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torchao
-    import transformers
-
-    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                torchao=torchao.__version__, transformers=transformers.__version__,
-                python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                qhl=qhl_sources(),
-                load_avg_1m=round(os.getloadavg()[0], 2))
-
-
 def fmt(v: Any, nd: int = 2) -> str:
     if isinstance(v, float):
         return "inf" if math.isinf(v) else f"{v:.{nd}f}"
@@ -479,7 +448,7 @@ def main() -> None:
     default = vars(args) == vars(ap.parse_args([]))
     stem = "fidelity" if default else "fidelity_smoke"
     t0 = time.perf_counter()
-    host = machine()  # at the start: the qhl sources are fingerprinted as imported, not as they end up
+    host = machine("torchao", "transformers")  # at the start: the qhl sources are fingerprinted as imported, not as they end up
     smol, notes = run_smollm2(args)
     mini = run_minilm(args)
     clip = getattr(qhl.recipe("w4a16"), "weight_clip", None)

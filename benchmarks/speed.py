@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import logging
 import math
 import os
 import pathlib
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +33,7 @@ import torch
 from torch import nn
 
 import qhl
+from bench_env import machine
 from qhl.metrics import sqnr_db
 
 log = logging.getLogger("speed")
@@ -200,34 +199,6 @@ def part_c() -> dict[str, Any]:
     return out
 
 
-def qhl_sources() -> dict[str, str]:
-    """A fingerprint of the qhl code measured: qhl changes often, and numbers belong to a version."""
-    import hashlib
-
-    root = pathlib.Path(qhl.__file__).resolve().parent.parent
-    files = sorted(p for d in ("compiler", "passes", "codegen", "runtime") for p in (root / d).rglob("*.py"))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
-    newest = max(files, key=lambda p: p.stat().st_mtime)
-    mtime = datetime.datetime.fromtimestamp(newest.stat().st_mtime, datetime.timezone.utc)
-    stamp = mtime.strftime("%Y-%m-%d %H:%M:%S UTC")
-    return dict(sha256=digest, newest_file=str(newest.relative_to(root)), newest_mtime=stamp)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torchao
-
-    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                torchao=torchao.__version__, python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                qhl=qhl_sources(),
-                load_avg_1m=round(os.getloadavg()[0], 2))
-
-
 def _ms(r: dict[str, Any]) -> str:
     return f"FAILED ({r['error']})".replace("|", "/") if "error" in r else f"{r['median_ms']:.2f}"
 
@@ -313,7 +284,7 @@ def main() -> None:
     args.rounds = max(1, args.rounds or (1 if args.quick else 3))
     tokens = [1, 64] if args.quick else [1, 64, 256, 512]
     t0 = time.perf_counter()
-    res: dict[str, Any] = dict(machine=machine(), args=vars(args))
+    res: dict[str, Any] = dict(machine=machine("torchao"), args=vars(args))
     res["a"] = part_a(tokens, args.warmup, args.reps, args.rounds)
     res["b"] = part_b(args.warmup, args.reps, args.rounds)
     res["c"] = None if args.quick else part_c()

@@ -171,12 +171,16 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def _db(x: float | None) -> str:
+def format_db(x: float | None, unit: str = " dB") -> str:
+    """An SQNR for people: "-" when not measured, "exact" for +inf, one decimal otherwise."""
     if x is None:
         return "-"
     if math.isinf(x):
-        return "exact" if x > 0 else "-inf dB"
-    return f"{x:.1f} dB"
+        return "exact" if x > 0 else f"-inf{unit}"
+    return f"{x:.1f}{unit}"
+
+
+_db = format_db
 
 
 def _json_float(x: float | None) -> Any:

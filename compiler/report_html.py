@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import html
-import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qhl.report import Report
+
+from qhl.report import format_db
 
 __all__ = ["render_html"]
 
@@ -24,12 +25,8 @@ def _e(x: object) -> str:
     return html.escape(str(x))
 
 
-def _db(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if math.isinf(x):
-        return "exact" if x > 0 else "-inf"
-    return f"{x:.1f}"
+def _html_db(x: float | None) -> str:
+    return format_db(x, unit="")
 
 
 def render_html(report: Report) -> str:
@@ -42,7 +39,7 @@ def render_html(report: Report) -> str:
         "<ul>",
         f"<li>matmuls found: {len(report.layers)}; rewritten: {len(report.rewritten)}</li>",
         f"<li>weight bytes of matmuls: {before:,} &rarr; {after:,}</li>",
-        f"<li>model output SQNR vs float32: {_db(report.output_sqnr_db)} dB</li>",
+        f"<li>model output SQNR vs float32: {_html_db(report.output_sqnr_db)} dB</li>",
         "</ul><h2>Layers</h2><table><tr>",
         "".join(f"<th>{h}</th>" for h in ("path", "op", "x shape", "K&rarr;N", "form", "SQNR dB", "bytes before", "bytes after", "reason")),
         "</tr>",
@@ -51,7 +48,7 @@ def render_html(report: Report) -> str:
         parts.append(
             f"<tr class='{'q' if r.form else 'float'}'><td>{_e(r.path)}</td><td>{_e(r.op)}</td>"
             f"<td>{_e(list(r.x_shape))}</td><td>{_e(r.in_features)}&rarr;{_e(r.out_features)}</td>"
-            f"<td>{_e(r.form or 'float')}</td><td>{_db(r.sqnr_db)}</td><td>{r.weight_bytes_before:,}</td>"
+            f"<td>{_e(r.form or 'float')}</td><td>{_html_db(r.sqnr_db)}</td><td>{r.weight_bytes_before:,}</td>"
             f"<td>{r.weight_bytes_after:,}</td><td>{_e(r.reason or '')}</td></tr>"
         )
     parts.append("</table><h2>Passes</h2>")
