@@ -12,6 +12,9 @@ Conventions (one set, used by the spec, the Triton kernels and the ONNX translat
   with clip ratio r = 1 (plain round-to-nearest) or chosen per group by least squared error.
   and w ~ (c - z) * s. Two codes per byte along K: byte[k // 2] = c[2j] | c[2j+1] << 4.
   This is ONNX's DequantizeLinear with a uint4 `block_size` layout, so the export is direct.
+* int4, symmetric per output channel (w4a8 / w4a4, QuaRot's weights): s = r * amax(|row|) / 7,
+  q = clamp(round(w / s), -7, 7), stored as c = q + 8 with the same two-per-byte packing.
+  Activations of those forms: per token with qmax = 2^(bits-1) - 1 (127 or 7), in int8 storage.
 
 A zero amax gives scale 1 (not 0), so all-zero rows and groups dequantize to exactly 0.
 """
@@ -35,6 +38,12 @@ __all__ = [
     "fake_quant_w8a8_linear",
     "fake_quant_w8a16_linear",
     "fake_quant_w4a16_linear",
+    "quantize_per_token_bits",
+    "quantize_int4_per_channel",
+    "unpack_int4_signed",
+    "dequantize_int4_per_channel",
+    "fake_quant_w4a8_linear",
+    "fake_quant_w4a4_linear",
 ]
 
 INT8_QMAX = 127
@@ -50,6 +59,19 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = x.float()
     scale = _safe_scale(xf.abs().amax(dim=-1, keepdim=True), INT8_QMAX)
     q = torch.round(xf / scale).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_token_bits(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """quantize_per_token with `bits`-bit codes in int8 storage: qmax = 2^(bits-1) - 1,
+    s = amax / qmax, q = clamp(round(x / s), -qmax, qmax). bits=8 is quantize_per_token exactly;
+    bits=4 gives codes in [-7, 7] (QuaRot's symmetric 4-bit activations)."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits}: per-token activation codes need 2 <= bits <= 8 (int8 storage)")
+    qmax = (1 << (bits - 1)) - 1
+    xf = x.float()
+    scale = _safe_scale(xf.abs().amax(dim=-1, keepdim=True), qmax)
+    q = torch.round(xf / scale).clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
 
 
@@ -141,6 +163,53 @@ def dequantize_int4_groupwise(packed: Tensor, scale: Tensor, zero: Tensor, group
     return w.reshape(n, k)
 
 
+def quantize_int4_per_channel(w: Tensor, clip: str = "none") -> tuple[Tensor, Tensor]:
+    """w [N, K] (K even) -> (packed uint8 [N, K/2], scale float32 [N]): symmetric int4, one scale
+    per output channel (QuaRot's weights). Codes q = clamp(round(w / s), -7, 7) are stored as
+    q + 8 in [1, 15] with pack_int4's layout (the w4a16 symmetric convention, zero point 8).
+
+    clip="none": s = amax(|row|) / 7. clip="mse": per row, the ratio r in INT4_CLIP_RATIOS with
+    the least squared weight error, s = r * amax / 7 (the same search as the group-wise case,
+    with the whole row as the group).
+    """
+    if clip not in WEIGHT_CLIPS:
+        raise ValueError(f"clip={clip!r}; valid: {WEIGHT_CLIPS}")
+    n, k = w.shape
+    if k % 2:
+        raise ValueError(f"int4 packing needs an even K, got K={k}")
+    wf = w.float()
+    amax = wf.abs().amax(dim=-1, keepdim=True)
+
+    def codes_for(scale: Tensor) -> Tensor:  # q in [-7, 7]: a clipped scale saturates at +-7, not -8
+        return torch.round(wf / scale).clamp_(-7, 7)
+
+    scale = _safe_scale(amax, 7.0)
+    if clip == "mse":
+        best_err = None
+        buf = torch.empty_like(wf)  # one temporary for all ratios: the search is memory-bound
+        for ratio in INT4_CLIP_RATIOS:
+            s = _safe_scale(amax * ratio, 7.0)
+            torch.div(wf, s, out=buf).round_().clamp_(-7, 7).mul_(s).sub_(wf).pow_(2)
+            err = buf.sum(-1, keepdim=True)
+            if best_err is None:
+                best_err = err
+                continue
+            scale = torch.where(err < best_err, s, scale)
+            best_err = torch.minimum(err, best_err)
+    codes = codes_for(scale) + 8  # in [1, 15]
+    return pack_int4(codes.to(torch.uint8)), scale.reshape(n).contiguous()
+
+
+def unpack_int4_signed(packed: Tensor) -> Tensor:
+    """uint8 [N, K/2] (codes q + 8) -> int8 q [N, K] (in [-7, 7] for quantize_int4_per_channel)."""
+    return unpack_int4(packed).view(torch.int8).sub_(8)
+
+
+def dequantize_int4_per_channel(packed: Tensor, scale: Tensor) -> Tensor:
+    """The float32 [N, K] weight that (packed, scale) stand for."""
+    return unpack_int4_signed(packed).float() * scale[:, None]
+
+
 # --- fake-quant references: the slow, obvious definitions the fast faces are tested against ---
 
 
@@ -165,6 +234,23 @@ def fake_quant_w4a16_linear(
     wd = dequantize_int4_groupwise(packed, scale, zero, group_size).double()
     y = x.double() @ wd.T
     return y if bias is None else y + bias.double()
+
+
+def _fake_quant_w4ax_linear(x: Tensor, w: Tensor, bias: Tensor | None, bits: int, clip: str) -> Tensor:
+    xq, xs = quantize_per_token_bits(x, bits)
+    packed, ws = quantize_int4_per_channel(w, clip)
+    y = (xq.double() * xs.double()) @ dequantize_int4_per_channel(packed, ws).double().T
+    return y if bias is None else y + bias.double()
+
+
+def fake_quant_w4a8_linear(x: Tensor, w: Tensor, bias: Tensor | None, clip: str = "none") -> Tensor:
+    """float64 Q8(x) @ Q4(W).T (+ b): per-token 8-bit activations, per-channel int4 weights."""
+    return _fake_quant_w4ax_linear(x, w, bias, 8, clip)
+
+
+def fake_quant_w4a4_linear(x: Tensor, w: Tensor, bias: Tensor | None, clip: str = "none") -> Tensor:
+    """float64 Q4(x) @ Q4(W).T (+ b): per-token 4-bit activations ([-7, 7]), int4 weights."""
+    return _fake_quant_w4ax_linear(x, w, bias, 4, clip)
 
 
 # --- CPU helpers for the spec faces (private) ---------------------------------------------------

@@ -16,6 +16,7 @@ from qhl.errors import (
     UnsupportedError,
     VerificationError,
 )
+from qhl.errors import AdapterError
 from qhl.recipes import LayerOverride, Recipe, recipe, recipes
 
 __all__ = [
@@ -35,6 +36,11 @@ __all__ = [
     "KernelError",
     "VerificationError",
     "sqnr_db",
+    "hadamard_matrix",
+    "prepare",
+    "merge",
+    "load_adapter",
+    "AdapterError",
 ]
 __version__ = "0.1.0"
 
@@ -55,8 +61,16 @@ def __getattr__(name: str):
         from qhl import onnx_export
 
         return getattr(onnx_export, name)
+    if name in ("prepare", "merge", "load_adapter"):
+        from qhl import adapters
+
+        return getattr(adapters, name)
     if name == "sqnr_db":
         from qhl.metrics import sqnr_db
 
         return sqnr_db
+    if name == "hadamard_matrix":
+        from qhl.hadamard import hadamard_matrix
+
+        return hadamard_matrix
     raise AttributeError(f"module 'qhl' has no attribute {name!r}")

@@ -67,6 +67,10 @@ def capture_export(
     dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """torch.export the model and return the unlifted graph with weights bound (get_attr nodes)."""
+    if type(model).__name__.startswith("PeftModel") and hasattr(model, "get_base_model"):
+        # peft's wrapper forwards (*args, **kwargs), which default dynamic shapes cannot describe;
+        # its adapters live in the base model, whose forward is the same computation.
+        model = model.get_base_model()
     try:
         ep = torch.export.export(
             model, tuple(example_inputs), kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, strict=False

@@ -139,9 +139,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_recipes(args: argparse.Namespace) -> int:
     import qhl
 
-    for name in qhl.recipes():
-        r = qhl.recipe(name)
-        print(f"{name:<8} {r.description}")
+    names = qhl.recipes()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {qhl.recipe(name).description}")
     return 0
 
 

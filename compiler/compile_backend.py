@@ -22,6 +22,8 @@ from qhl.capture import bind_dynamo_weights, weight_paths_from_dynamo
 from qhl.codegen.triton.emit import attach_kernel_sources
 from qhl.driver import PassRecord, run_passes
 from qhl.graph import TRAINING_META, MatmulInfo, matmul_infos
+from qhl.passes import PRE_AOT, bind
+from qhl.passes.lower_adapters import DECLINED_META, GRAPH_KIND_META
 from qhl.recipes import DEFAULT_RECIPE, Recipe, recipe
 from qhl.runtime.packed import GuardedGraph
 
@@ -63,6 +65,8 @@ class QhlBackend:
     def __init__(self, recipe_: Recipe):
         self.recipe = recipe_
         self.graphs: list[CompiledGraph] = []
+        # Dynamo-level graphs after the PRE_AOT passes (adapter recipes), with their pass records.
+        self.dynamo_graphs: list[CompiledGraph] = []
 
     def __repr__(self) -> str:
         return f"QhlBackend(recipe={self.recipe.name!r})"
@@ -78,6 +82,7 @@ class QhlBackend:
 
         real_inputs = list(example_inputs)
         paths = weight_paths_from_dynamo(gm, real_inputs)
+        adapter_declines = self._pre_aot(gm, real_inputs, paths)
 
         def compiler(kind: str):
             def compile_graph(aot_gm: fx.GraphModule, _fake_inputs: list[Any]):
@@ -85,6 +90,9 @@ class QhlBackend:
                 if kind != "backward":
                     bind_dynamo_weights(aot_gm, real_inputs, paths)
                 aot_gm.meta[TRAINING_META] = kind == "forward"
+                aot_gm.meta[GRAPH_KIND_META] = kind
+                if adapter_declines:
+                    aot_gm.meta[DECLINED_META] = dict(adapter_declines)
                 inputs = _concrete(real_inputs) if self.recipe.verify and kind != "backward" else None
                 # AOTAutograd calls us inside its FakeTensorMode; packing weights needs real math.
                 with unset_fake_temporarily():
@@ -103,6 +111,27 @@ class QhlBackend:
             bw_compiler=compiler("backward"),
             inference_compiler=compiler("inference"),
         )(gm, example_inputs)
+
+    def _pre_aot(self, gm: fx.GraphModule, real_inputs: list[Any], paths: list[str | None]) -> dict[str, str]:
+        """Run the recipe's PRE_AOT passes (lower_adapters) on Dynamo's torch-level graph, in place.
+
+        AOTAutograd then traces the fused ops through their registered autograd, so training runs
+        the fused backward rather than the derivative of the unfused einsum path. Returns the
+        layers those passes declined (path -> reason) for the layer tables of the ATen graphs.
+        """
+        names = [n for n in self.recipe.passes if n in PRE_AOT]
+        if not names:
+            return {}
+        bind_dynamo_weights(gm, real_inputs, paths)
+        records = []
+        with unset_fake_temporarily():
+            for name in names:
+                before, t0 = gm.code, time.perf_counter()
+                result = bind(name, self.recipe)(gm)
+                records.append(PassRecord(name, result.changed, dict(result.stats), before, result.gm.code,
+                                          time.perf_counter() - t0))
+        self.dynamo_graphs.append(CompiledGraph("dynamo", gm, records))
+        return dict(gm.meta.get(DECLINED_META, {}))
 
 
 def _log_summary(kind: str, compiled: CompiledGraph) -> None:

@@ -11,6 +11,7 @@ __all__ = [
     "UnsupportedError",
     "KernelError",
     "VerificationError",
+    "AdapterError",
 ]
 
 
@@ -36,3 +37,8 @@ class KernelError(QhlError, RuntimeError):
 
 class VerificationError(QhlError, AssertionError):
     """verify=True found that a pass changed the graph's numbers beyond what the pass allows."""
+
+
+class AdapterError(QhlError, ValueError):
+    """An adapter (a peft adapter directory, a state dict) that does not fit the model: names the
+    first mismatched key and what was expected."""

@@ -9,6 +9,7 @@ Two metadata records travel on nodes:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,21 @@ class MatmulInfo:
     node_name: str | None = None
     kernel_source: str | None = None
     kernel_name: str | None = None
+    # Rotation passes: what they did to this layer (report text), or why they left it unrotated,
+    # and the offline weight rewrite they owe it (float32 [N, K] -> float32 [N, K]), applied by
+    # whichever pass materializes the weight (quantize_linear packs transform(W)).
+    rotation: str | None = None
+    rotation_reason: str | None = None
+    weight_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def add_weight_transform(self, fn: Callable[[torch.Tensor], torch.Tensor], what: str) -> None:
+        """Compose `fn` after any transform already owed, and note it for the report."""
+        prev = self.weight_transform
+        self.weight_transform = fn if prev is None else (lambda w, f=fn, p=prev: f(p(w)))
+        self.rotation = what if not self.rotation else f"{self.rotation} + {what}"
+
+    def transformed(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.weight_transform is None else self.weight_transform(w)
 
     def decline(self, reason: str) -> None:
         self.form, self.reason, self.selected = None, reason, False
@@ -142,7 +158,8 @@ def source_to_path(source_name: str) -> str:
         # Drop the root local (the compiled module, or the function argument holding it);
         # a forward wrapped as f(*args) reaches the module as L['args'][0].
         names = names[2:] if names[0] == "args" and len(names) > 1 and names[1].isdigit() else names[1:]
-    drop = {"_modules", "_parameters", "_buffers", "_orig_mod"}
+    # "__dict__": Dynamo reaches some submodules (peft's PeftModel) through the instance dict.
+    drop = {"_modules", "_parameters", "_buffers", "_orig_mod", "__dict__"}
     return ".".join(n for n in names if n not in drop)
 
 

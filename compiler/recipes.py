@@ -27,6 +27,10 @@ FORMS: dict[str, str] = {
     "w8a8": "int8 per-channel weights, dynamic per-token int8 activations",
     "w8a16": "int8 per-channel weights, float activations (weight-only)",
     "w4a16": "int4 group-wise weights, float activations (weight-only)",
+    "w4a8": "int4 per-channel weights, dynamic per-token int8 activations",
+    "w4a4": "int4 per-channel weights, dynamic per-token 4-bit activations",
+    "blocklr": "k x k blocks of float16 truncated-SVD factors, ranks by budget or rank (frozen)",
+    "lr-w4a16": "float16 low-rank part + int4 group-wise residual, float activations (frozen)",
 }
 
 QUANTIZE_PASSES = ("canonicalize_matmuls", "select_layers", "quantize_linear")
@@ -34,6 +38,13 @@ QUANTIZE_PASSES = ("canonicalize_matmuls", "select_layers", "quantize_linear")
 # quantization-sensitive layer of a causal LM (it is also tied to the embedding in SmolLM2).
 DEFAULT_SKIP = ("*embed*", "lm_head", "*.lm_head")
 GROUP_SIZES = (32, 64, 128)
+ROTATIONS = (None, "online", "offline", "auto")
+ADAPTERS = (None, "gralora", "lora")
+# Adapter recipes: lower_adapters also runs on the Dynamo graph, before AOTAutograd (so the
+# fused op's own backward is what trains); adapter_layers annotates/quantizes the fused calls.
+ADAPTER_PASSES = ("lower_adapters", "canonicalize_matmuls", "select_layers", "adapter_layers")
+# peft's default GraLoRA/LoRA targets: the attention query and value projections.
+ADAPTER_TARGETS = ("*q_proj", "*v_proj", "*.query", "*.value")
 
 
 @dataclass(frozen=True)
@@ -65,12 +76,41 @@ class Recipe:
     # int4 scales: "none" = plain amax round-to-nearest; "mse" = per-group clip ratio with the
     # least squared weight error (helps w4a16 g64 on SmolLM2 a lot, hurts g128: see codegen/quant.py)
     weight_clip: str = "none"
+    # Hadamard rotation (issue 5). None: no rotation. "online": y = Q(x H) . Q(W H)^T at every
+    # rotated layer; "offline": rotate the residual stream by computational invariance (QuaRot)
+    # where the graph is proven invariant, nothing else; "auto": offline where proven, online
+    # elsewhere.
+    rotation: str | None = None
+    # None: the full-size H (K * 2^m) where qhl can build one, else block-diagonal I (x) H_b with
+    # the largest power-of-two b in [16, 256] dividing the size; an int b forces I (x) H_b.
+    hadamard_block: int | None = None
+    # Random +-1 sign flips D (H' = D H), seeded; None: plain H.
+    hadamard_seed: int | None = 0
+    # "float32": online rotations compute in float32; "activation": in the activation dtype.
+    hadamard_dtype: str = "float32"
+    # Adapters (issue 6; qhl.prepare, compiler/adapters.py). adapter: None | "gralora" | "lora".
+    # r: GraLoRA rank R (peft's r; hybrid adds hybrid_r), k: blocks per side (gralora only),
+    # scaling = alpha / (r + hybrid_r), dropout on the adapter's input while training.
+    adapter: str | None = None
+    r: int = 8
+    k: int = 2
+    hybrid_r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
     include: tuple[str, ...] = ("*",)
     skip: tuple[str, ...] = DEFAULT_SKIP
     overrides: tuple[LayerOverride, ...] = ()
     verify: bool = False
     # verify mode: a lossy pass may lower the graph's output SQNR to this floor and no further.
     verify_min_sqnr_db: float = 0.0
+    # Low-rank compression (forms blocklr, lr-w4a16; passes/lowrank_rules.py): budget = bytes as a
+    # fraction of the layer's float16 weight bytes, or an explicit rank (one of the two; neither:
+    # blocklr budget 0.25, lr-w4a16 rank 16); lowrank_k = blocklr's k x k grid; lowrank_iters =
+    # lr-w4a16's LQ-LoRA alternations (0: the plain SVD split).
+    budget: float | None = None
+    rank: int | None = None
+    lowrank_k: int = 2
+    lowrank_iters: int = 0
     version: int = RECIPE_VERSION
     description: str = ""
 
@@ -79,6 +119,21 @@ class Recipe:
             raise RecipeError(f"unknown form {self.form!r}; valid forms: {sorted(FORMS)}")
         if self.weight_clip not in ("mse", "none"):
             raise RecipeError(f"weight_clip={self.weight_clip!r}; valid: ['mse', 'none']")
+        if self.rotation not in ROTATIONS:
+            raise RecipeError(f"rotation={self.rotation!r}; valid: {list(ROTATIONS)}")
+        if self.hadamard_dtype not in ("float32", "activation"):
+            raise RecipeError(f"hadamard_dtype={self.hadamard_dtype!r}; valid: ['float32', 'activation']")
+        self._check_adapter_knobs()
+        if self.hadamard_block is not None and (
+            self.hadamard_block < 2 or self.hadamard_block & (self.hadamard_block - 1)
+        ):
+            raise RecipeError(
+                f"hadamard_block={self.hadamard_block}: a block-diagonal rotation needs a power of two "
+                ">= 2 (e.g. 16, 64, 256), or None for the full size"
+            )
+        from qhl.passes.lowrank_rules import validate_recipe as _validate_lowrank
+
+        _validate_lowrank(self)
         if self.form == "w4a16" and self.group_size not in GROUP_SIZES:
             raise RecipeError(
                 f"group_size={self.group_size} is not supported; valid: {list(GROUP_SIZES)}"
@@ -102,24 +157,57 @@ class Recipe:
                 if o.keep_float:
                     return None, f"override {o.glob!r} keeps this layer float"
                 return {
+                    **self._base_knobs(),
                     "form": o.form or self.form,
                     "group_size": o.group_size or self.group_size,
                     "symmetric": self.symmetric if o.symmetric is None else o.symmetric,
-                    "weight_clip": self.weight_clip,
                 }, None
         for pattern in self.skip:
             if fnmatch.fnmatchcase(path, pattern):
                 return None, f"in the recipe's skip list ({pattern!r})"
         if not any(fnmatch.fnmatchcase(path, pattern) for pattern in self.include):
             return None, f"not matched by the recipe's include globs {list(self.include)}"
-        if self.form is None:
+        if self.form is None and self.rotation is None and self.adapter is None:
             return None, "the recipe has no matmul form"
-        return {
+        return self._base_knobs(), None
+
+    def _check_adapter_knobs(self) -> None:
+        # r % k, in % k and out % k are per-layer rules: a layer that breaks them is declined
+        # with the reason (compiler/adapters.py), so they are not errors here.
+        if self.adapter not in ADAPTERS:
+            raise RecipeError(f"adapter={self.adapter!r}; valid: {list(ADAPTERS)}")
+        for name, low in (("r", 1), ("k", 1), ("hybrid_r", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise RecipeError(f"{name}={value!r}; valid: an integer >= {low}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise RecipeError(f"dropout={self.dropout!r}; valid: a probability in [0, 1)")
+        if not float(self.alpha) > 0.0:
+            raise RecipeError(f"alpha={self.alpha!r}; valid: a number > 0")
+
+    def _base_knobs(self) -> dict[str, Any]:
+        """The per-layer knobs every selected layer starts from (overrides change some)."""
+        knobs = {
             "form": self.form,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "weight_clip": self.weight_clip,
-        }, None
+        }
+        if self.rotation is not None:
+            knobs.update(
+                rotation=self.rotation,
+                rotation_block=self.hadamard_block,
+                hadamard_seed=self.hadamard_seed,
+                hadamard_dtype=self.hadamard_dtype,
+            )
+        if self.adapter is not None:
+            knobs.update(
+                adapter=self.adapter, r=self.r, k=self.k, hybrid_r=self.hybrid_r,
+                alpha=self.alpha, dropout=self.dropout,
+            )
+        if self.form in ("blocklr", "lr-w4a16") or any(o.form in ("blocklr", "lr-w4a16") for o in self.overrides):
+            knobs.update(budget=self.budget, rank=self.rank, lowrank_k=self.lowrank_k, lowrank_iters=self.lowrank_iters)
+        return knobs
 
     # --- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +248,39 @@ def _preset(name: str, form: str | None, description: str, **kw: Any) -> Recipe:
 _PRESETS: dict[str, Recipe] = {}
 
 
+ROTATE_PASSES = (
+    "canonicalize_matmuls", "select_layers", "rotate_residual", "rotate_online", "quantize_linear",
+    "fold_weight_transforms",
+)
+
+
+def _rotation_presets() -> dict[str, Recipe]:
+    """hadamard (rotation only, outputs unchanged) and the rotated quantized forms."""
+    out = {
+        "hadamard": Recipe(
+            name="hadamard",
+            passes=tuple(p for p in ROTATE_PASSES if p != "quantize_linear"),
+            rotation="auto",
+            description="Hadamard rotation only (offline residual where proven, online elsewhere); "
+            "outputs unchanged",
+        )
+    }
+    # Defaults measured on SmolLM2-135M (benchmarks/results/hadamard_fidelity.md):
+    # * rotation="online" beat "auto" (offline residual + online) on every form with
+    #   round-to-nearest weights: folding the RMSNorm scales into 4/8-bit weights costs more than
+    #   the offline rotation saves. "auto" and "offline" stay available as knobs.
+    # * int4 weights get weight_clip="mse": rotated rows are near-Gaussian, where a clipped scale
+    #   wins (hadamard-w4a8 ppl 87 -> 60), while on unrotated rows (sparse outliers) it loses.
+    for form in ("w8a8", "w4a8", "w4a4", "w4a16"):
+        name = f"hadamard-{form}"
+        out[name] = Recipe(
+            name=name, passes=ROTATE_PASSES, form=form, rotation="online",
+            weight_clip="mse" if form != "w8a8" else "none",
+            description=f"Hadamard-rotated {form}: {FORMS[form]}",
+        )
+    return out
+
+
 def _presets() -> dict[str, Recipe]:
     # Built lazily: Recipe validation imports qhl.passes, which imports this module's types.
     if not _PRESETS:
@@ -168,6 +289,10 @@ def _presets() -> dict[str, Recipe]:
                 "w8a8": _preset("w8a8", "w8a8", FORMS["w8a8"]),
                 "w8a16": _preset("w8a16", "w8a16", FORMS["w8a16"]),
                 "w4a16": _preset("w4a16", "w4a16", FORMS["w4a16"]),
+                "w4a8": _preset("w4a8", "w4a8", FORMS["w4a8"]),
+                "w4a4": _preset("w4a4", "w4a4", FORMS["w4a4"]),
+                "blocklr": _preset("blocklr", "blocklr", FORMS["blocklr"]),
+                "lr-w4a16": _preset("lr-w4a16", "lr-w4a16", FORMS["lr-w4a16"], group_size=64),
                 "float": Recipe(
                     name="float",
                     passes=("canonicalize_matmuls", "select_layers"),
@@ -176,12 +301,36 @@ def _presets() -> dict[str, Recipe]:
                 ),
             }
         )
+        _PRESETS.update(_adapter_presets())
+        _PRESETS.update(_rotation_presets())
     return _PRESETS
+
+
+def _adapter_presets() -> dict[str, Recipe]:
+    """gralora / lora / gralora-w4a16 / gralora-merged (issue 6; compiler/adapters.py)."""
+    merged = ("lower_adapters", "merge_adapters", "canonicalize_matmuls", "select_layers", "adapter_layers")
+    kw: dict[str, Any] = {"include": ADAPTER_TARGETS}
+    return {
+        "gralora": Recipe(name="gralora", passes=ADAPTER_PASSES, adapter="gralora", **kw,
+                          description="GraLoRA adapters (k x k sub-block low rank) fused with a float base matmul"),
+        "lora": Recipe(name="lora", passes=ADAPTER_PASSES, adapter="lora", **kw,
+                       description="LoRA adapters fused with a float base matmul"),
+        "gralora-w4a16": Recipe(name="gralora-w4a16", passes=ADAPTER_PASSES, adapter="gralora", form="w4a16",
+                                group_size=64, **kw,
+                                description="GraLoRA adapters on a frozen int4 group-wise base (QLoRA style)"),
+        "gralora-merged": Recipe(name="gralora-merged", passes=merged, adapter="gralora", **kw,
+                                 description="GraLoRA/LoRA adapters folded into float weights (W + dW) for deployment"),
+    }
 
 
 DEFAULT_RECIPE = "w8a8"
 # Knobs a user may set through qhl.recipe(name, **knobs). `form` and `passes` are set by the preset.
-KNOBS = ("group_size", "symmetric", "weight_clip", "include", "skip", "overrides", "verify", "verify_min_sqnr_db")
+KNOBS = (
+    "group_size", "symmetric", "weight_clip", "include", "skip", "overrides", "verify", "verify_min_sqnr_db",
+    "rotation", "hadamard_block", "hadamard_seed", "hadamard_dtype",
+    "adapter", "r", "k", "hybrid_r", "alpha", "dropout",
+    "budget", "rank", "lowrank_k", "lowrank_iters",
+)
 
 
 def recipes() -> list[str]:

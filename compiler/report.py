@@ -49,6 +49,8 @@ class LayerRow:
     kernel_name: str | None = None
     kernel_source: str | None = None
     onnx_ops: list[str] = field(default_factory=list)
+    rotation: str | None = None  # what the rotation passes did to this layer
+    rotation_reason: str | None = None  # why they left it unrotated
 
     @classmethod
     def from_info(cls, info: MatmulInfo) -> LayerRow:
@@ -66,6 +68,8 @@ class LayerRow:
             kernel_name=info.kernel_name,
             kernel_source=info.kernel_source,
             onnx_ops=_onnx_ops(info.form),
+            rotation=info.rotation,
+            rotation_reason=info.rotation_reason,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,7 +194,8 @@ def _json_float(x: float | None) -> Any:
 
 
 def _table(rows: list[LayerRow]) -> str:
-    header = ("path", "op", "K->N", "form", "SQNR", "bytes before->after", "reason")
+    rotated = any(r.rotation or r.rotation_reason for r in rows)
+    header = ("path", "op", "K->N", "form", "SQNR", "bytes before->after") + (("rotation",) if rotated else ()) + ("reason",)
     body = [
         (
             r.path,
@@ -199,7 +204,8 @@ def _table(rows: list[LayerRow]) -> str:
             r.form or "float",
             _db(r.sqnr_db),
             f"{r.weight_bytes_before}->{r.weight_bytes_after}" if r.weight_bytes_before else "-",
-            r.reason or "",
+            *((r.rotation or "-",) if rotated else ()),
+            "; ".join(t for t in (r.reason, r.rotation_reason) if t),
         )
         for r in rows
     ]
@@ -221,13 +227,17 @@ class _LayerSqnr(torch.fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         info = n.meta.get(MATMUL_META)
-        if info is not None and info.form is not None and info.weight is not None:
+        # adapter layers (issue 6) add a trained update on purpose: no float reference to compare with
+        if info is not None and info.form is not None and info.weight is not None and not info.knobs.get("adapter"):
             x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
             bias = n.args[-1]
             b = self.env[bias] if isinstance(bias, fx.Node) else None
-            ref = torch.nn.functional.linear(
-                x.float(), info.weight.value.float(), None if b is None else b.float()
-            )
+            block = info.knobs.get("hadamard_block", -1)
+            if block is not None and block >= 0:  # the op rotates x in its fused prologue
+                x = torch.ops.qhl.hadamard(x.float(), block, False, True)
+            # The float layer on the same input: a rotated layer's weight is the rotated one.
+            w = info.transformed(info.weight.value.detach().float())
+            ref = torch.nn.functional.linear(x.float(), w, None if b is None else b.float())
             info.sqnr_db = sqnr_db(ref, out)
         return out
 

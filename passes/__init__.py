@@ -8,21 +8,39 @@ from __future__ import annotations
 
 from functools import partial
 
+from qhl.passes.adapter_layers import adapter_layers
 from qhl.passes.base import GraphPass, PassResult
 from qhl.passes.canonicalize_matmuls import canonicalize_matmuls
+from qhl.passes.fold_weight_transforms import fold_weight_transforms
+from qhl.passes.lower_adapters import lower_adapters
+from qhl.passes.merge_adapters import merge_adapters
 from qhl.passes.quantize_linear import quantize_linear
+from qhl.passes.rotate_online import rotate_online
+from qhl.passes.rotate_residual import rotate_residual
 from qhl.passes.select_layers import select_layers
 
-__all__ = ["PASSES", "PassResult", "GraphPass", "bind", "LOSSLESS"]
+__all__ = ["PASSES", "PassResult", "GraphPass", "bind", "LOSSLESS", "PRE_AOT"]
 
 PASSES = {
+    "lower_adapters": lower_adapters,  # base matmul + GraLoRA/LoRA adapter -> qhl.gralora_linear
+    "merge_adapters": merge_adapters,  # qhl.gralora_linear -> linear(x, W + dW, b) for deployment
     "canonicalize_matmuls": canonicalize_matmuls,  # first: later passes assume canonical matmuls
     "select_layers": select_layers,  # needs the recipe: which layers get which form
+    "rotate_residual": rotate_residual,  # offline QuaRot rotation of a proven-invariant residual stream
+    "rotate_online": rotate_online,  # qhl.hadamard before the selected layers the offline one missed
     "quantize_linear": quantize_linear,  # canonical linear -> qhl:: quantized ops
+    "fold_weight_transforms": fold_weight_transforms,  # float weights still owed a rotation
+    "adapter_layers": adapter_layers,  # fused adapters in the layer table; int4 base of gralora-w4a16
 }
-_NEEDS_RECIPE = {"select_layers"}
+_NEEDS_RECIPE = {"select_layers", "rotate_residual", "rotate_online", "adapter_layers"}
+# Passes the torch.compile door also runs on Dynamo's torch-level graph, before AOTAutograd
+# splits forward and backward (so a fused op's own autograd is what trains).
+PRE_AOT = ("lower_adapters",)
 # Passes that must not change the graph's numbers (verify mode checks them with a tight tolerance).
-LOSSLESS = {"canonicalize_matmuls", "select_layers"}
+# 80 dB: float32 accumulation-order noise. Rotations are exact in real arithmetic and only move
+# float32 rounding: they are held to the same floor.
+LOSSLESS = {"canonicalize_matmuls", "select_layers", "rotate_residual", "rotate_online", "fold_weight_transforms"}
+LOSSLESS |= {"lower_adapters", "merge_adapters"}  # same math, another summation order
 
 
 def bind(name: str, recipe) -> GraphPass:

@@ -470,7 +470,7 @@ def test_ops_for_form():
     assert "MatMulInteger" in ops_for_form("w8a8") and "QuantizeLinear" in ops_for_form("w8a8")
     assert ops_for_form("w4a16") == ["DequantizeLinear", "MatMul", "Add"]
     assert ops_for_form("w4a16", "onnxruntime") == ["MatMulNBits"]
-    assert ops_for_form("gralora") == []
+    assert ops_for_form("not-a-form") == []
 
 
 # --- (d) real weights -------------------------------------------------------------------------

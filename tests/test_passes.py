@@ -415,7 +415,13 @@ def test_quantize_leaves_unselected_layers_and_keeps_lm_head_float():
 
 
 def test_registry_order_and_meta_key():
-    assert list(PASSES) == ["canonicalize_matmuls", "select_layers", "quantize_linear"]
+    from qhl.passes import PRE_AOT
+
+    assert list(PASSES) == [
+        "lower_adapters", "merge_adapters", "canonicalize_matmuls", "select_layers", "rotate_residual",
+        "rotate_online", "quantize_linear", "fold_weight_transforms", "adapter_layers",
+    ]
+    assert PRE_AOT == ("lower_adapters",)
     assert MATMUL_META == "qhl_matmul"
 
 

@@ -5,6 +5,8 @@
     torch.ops.qhl.w8a16_linear        ->  w8a16.py             Cast(int8 W) + MatMul + Mul
     torch.ops.qhl.w4a16_linear        ->  w4a16.py             blocked uint4 DequantizeLinear + MatMul
                                                                (target "onnxruntime": com.microsoft MatMulNBits)
+    torch.ops.qhl.blocklr_linear      ->  blocklr.py           Slice + 2k MatMuls (float16 factors) + Concat
+    torch.ops.qhl.lr_w4a16_linear     ->  lr_w4a16.py          low-rank MatMuls + w4a16's DequantizeLinear/MatMul, Add
 
 TRANSLATIONS (standard ONNX, opset 21) is what `qhl.export_onnx` hands torch.onnx.export as its
 custom_translation_table; `translation_table("onnxruntime")` swaps in contrib ops where they
@@ -45,6 +47,30 @@ FORM_MODULES: dict[str, tuple[Any, Any]] = {
     "w8a16": (w8a16, torch.ops.qhl.w8a16_linear.default),
     "w4a16": (w4a16, torch.ops.qhl.w4a16_linear.default),
 }
+from qhl.codegen.onnx import blocklr, lr_w4a16  # noqa: E402  (issue 6: low-rank compression)
+
+FORM_MODULES.update({
+    "blocklr": (blocklr, torch.ops.qhl.blocklr_linear.default),
+    "lr-w4a16": (lr_w4a16, torch.ops.qhl.lr_w4a16_linear.default),
+})
+from qhl.codegen.onnx import gralora as _gralora  # noqa: E402  (issue 6: GraLoRA / LoRA adapters)
+
+FORM_MODULES.update({
+    "gralora": (_gralora, torch.ops.qhl.gralora_linear.default),
+    "gralora_w4a16": (_gralora.w4a16_form, torch.ops.qhl.gralora_w4a16_linear.default),
+})
+from qhl.codegen.onnx import w4a4, w4a8  # noqa: E402  (issue 5: int4 weights, 8/4-bit activations)
+
+FORM_MODULES.update({
+    "w4a8": (w4a8, torch.ops.qhl.w4a8_linear.default),
+    "w4a4": (w4a4, torch.ops.qhl.w4a4_linear.default),
+})
+from qhl.codegen.onnx import hadamard as _hadamard  # noqa: E402  (issue 5: Hadamard rotations)
+
+FORM_MODULES.update({
+    "hadamard": (_hadamard, torch.ops.qhl.hadamard.default),
+    "hadamard_quantize_per_token": (_hadamard.quantize_form, torch.ops.qhl.hadamard_quantize_per_token.default),
+})
 
 
 def _check_target(target: str) -> None:

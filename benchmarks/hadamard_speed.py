@@ -1,0 +1,109 @@
+"""CPU speed of the qhl::hadamard op (its spec face: O(n log n) butterflies + the K×K stage)
+against a dense matmul by the same matrix, x @ qhl.hadamard_matrix(n), in one run.
+
+n = 576 (36·16), 1536 (12·128), 4096 (2^12); 1, 64 and 512 rows of float32; under no_grad.
+Both variants are timed round-robin (one call of each in turn, so a noisy neighbour slows both
+alike) after warm-up; each timing is the median over `--reps` calls. The ratio is
+dense / FWHT (> 1: the FWHT is faster). Writes benchmarks/results/hadamard_cpu.{json,md}.
+
+    .venv/bin/python benchmarks/hadamard_speed.py [--reps 15] [--threads 1,2]
+
+Each thread count in --threads is measured in turn (default: 1, then torch's default). On a
+loaded 2-core box the multi-threaded numbers mostly measure OpenMP stalls: every parallel torch
+op (each butterfly stage above torch's grain size, each BLAS call) can wait milliseconds for a
+descheduled worker, and the FWHT makes ~log2(n) such calls where the dense product makes one.
+The single-thread numbers measure the work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_env import machine  # noqa: E402
+
+import qhl  # noqa: E402
+import qhl.codegen  # noqa: E402,F401  (registers torch.ops.qhl.hadamard)
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+SIZES = (576, 1536, 4096)
+ROWS = (1, 64, 512)
+
+
+def bench(reps: int, threads: int) -> list[dict[str, Any]]:
+    torch.set_num_threads(threads)
+    out = []
+    for n in SIZES:
+        h = qhl.hadamard_matrix(n)
+        for r in ROWS:
+            x = torch.randn(r, n)
+            fns = {"fwht": lambda: torch.ops.qhl.hadamard(x), "dense": lambda: x @ h}
+            err = (fns["fwht"]() - fns["dense"]()).abs().max().item()
+            for fn in fns.values():  # warm-up
+                for _ in range(3):
+                    fn()
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for _ in range(reps):
+                for k, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+            med = {k: statistics.median(t) for k, t in times.items()}
+            ratios = [d / f for d, f in zip(times["dense"], times["fwht"])]
+            entry = dict(n=n, rows=r, fwht_ms=med["fwht"], dense_ms=med["dense"],
+                         dense_over_fwht=med["dense"] / med["fwht"],
+                         per_call_ratio_min=min(ratios), per_call_ratio_max=max(ratios), max_abs_diff=err)
+            entry["threads"] = threads
+            out.append(entry)
+            print(f"threads={threads} n={n:5d} rows={r:4d}  fwht {med['fwht']:8.3f} ms  dense {med['dense']:8.3f} ms  "
+                  f"dense/fwht {entry['dense_over_fwht']:6.1f}x  (|diff| {err:.1e})", flush=True)
+    return out
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        "# qhl::hadamard (CPU spec) vs a dense matmul by the same matrix",
+        "",
+        f"{m['cpu']}, {m['cores']} cores (load {m['load_avg_1m']}), "
+        f"torch {m['torch']}, median of {res['reps']} calls each, round-robin, {m['date']}.",
+        "",
+        "| torch threads | n | rows | FWHT ms | dense ms | dense / FWHT |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in res["results"]:
+        lines.append(f"| {e['threads']} | {e['n']} | {e['rows']} | {e['fwht_ms']:.3f} | {e['dense_ms']:.3f} | "
+                     f"{e['dense_over_fwht']:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and torch's default)")
+    args = ap.parse_args(argv)
+    default_threads = torch.get_num_threads()
+    counts = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, default_threads})
+    results = []
+    with torch.no_grad():
+        for t in counts:
+            results += bench(args.reps, t)
+    torch.set_num_threads(default_threads)
+    res = dict(machine=machine(), reps=args.reps, results=results)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "hadamard_cpu"
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
+    out.with_suffix(".md").write_text(to_markdown(res))
+    print(to_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

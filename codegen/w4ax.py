@@ -1,0 +1,134 @@
+"""qhl::w4a8_linear and qhl::w4a4_linear — int4 per-channel weights, dynamic per-token activations.
+
+    y[..., N] = (Q_b(x R) @ Wq.T) * s_x * s_w (+ b)     x [..., K] float, Wq [N, K] int4, s_w [N]
+
+QuaRot's quantized matmul: weights symmetric int4, one scale per output channel (codes in
+[-7, 7], stored as q + 8, two per byte along K: quant.quantize_int4_per_channel); activations
+symmetric per token, b = 8 bits (w4a8, codes in [-127, 127]) or b = 4 bits (w4a4, codes in
+[-7, 7]), in int8 storage (quant.quantize_per_token_bits). The int8 x int8 products accumulate
+exactly in int32 (|sum| <= 127 * 8 * K), then y = acc * s_x * s_w (+ b) in float32, returned in
+x's dtype.
+
+R is the online rotation, chosen by the static argument hadamard_block:
+  -1   no rotation (R = I): the unrotated baselines;
+  >= 0 R = qhl.hadamard_matrix(K) (0 = full size) or I (x) H_b (b = hadamard_block). The pass
+       has stored the rotated weight W R, so y ~ (x R)(W R)^T = x W^T. The prologue is then
+       qhl::hadamard_quantize_per_token (codegen/hadamard.py).
+
+Faces:
+  spec    this file (CPU): unpack the int4 weight per call (nothing is cached), torch._int_mm;
+  fake    shape [..., N], dtype of x;
+  kernel  codegen/triton/w4ax.py (CUDA): per-token quant prologue + int4 unpack + int8 tl.dot +
+          dequant epilogue;
+  grad    straight-through for x: dx = (dy @ (Wq * s_w)) R^T; db = sum(dy); the weight is frozen;
+  onnx    codegen/onnx/w4ax.py.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qhl.codegen import quant
+
+__all__ = ["w4a8_linear", "w4a4_linear", "w4ax_linear_spec", "ACT_BITS", "quantize_activations"]
+
+# The activation bits of each form.
+ACT_BITS = {"w4a8": 8, "w4a4": 4}
+
+
+def quantize_activations(x2: Tensor, hadamard_block: int, bits: int) -> tuple[Tensor, Tensor]:
+    """The prologue: (q int8 [M, K], s_x float32 [M, 1]) of x2 [M, K], rotated first when
+    hadamard_block >= 0 (by the fused qhl::hadamard_quantize_per_token op)."""
+    if hadamard_block < 0:
+        return quant.quantize_per_token_bits(x2, bits)
+    op = getattr(torch.ops.qhl, "hadamard_quantize_per_token", None)
+    if op is None:
+        from qhl.errors import UnsupportedError
+
+        raise UnsupportedError(
+            f"hadamard_block={hadamard_block} needs qhl::hadamard_quantize_per_token "
+            "(codegen/hadamard.py), which is not registered"
+        )
+    return op(x2, hadamard_block, bits)
+
+
+def w4ax_linear_spec(
+    x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], hadamard_block: int, bits: int
+) -> Tensor:
+    """The definition (any device, plain ops): see the module docstring."""
+    n, half_k = w_packed.shape
+    k = 2 * half_k
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    xq, xs = quantize_activations(x2, hadamard_block, bits)
+    wq = quant.unpack_int4_signed(w_packed)  # int8 [N, K], per call: no global cache
+    # [N, K] contiguous: the transposed view is the layout _int_mm is fast on (as in w8a8).
+    acc = torch._int_mm(xq, wq.t())
+    y = acc.to(torch.float32).mul_(xs).mul_(w_scale.float())
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _fake(
+    x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], hadamard_block: int = -1
+) -> Tensor:
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+def _cuda(bits: int):
+    def kernel(
+        x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], hadamard_block: int = -1
+    ) -> Tensor:
+        from qhl.codegen.triton.w4ax import w4ax_linear_triton
+
+        return w4ax_linear_triton(x, w_packed, w_scale, bias, hadamard_block, bits)
+
+    return kernel
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w_packed, w_scale, bias = inputs[:4]
+    hadamard_block = inputs[4] if len(inputs) > 4 else -1
+    ctx.save_for_backward(w_packed, w_scale)
+    ctx.has_bias = bias is not None
+    ctx.x_dtype = x.dtype
+    ctx.hadamard_block = hadamard_block
+
+
+def _backward(ctx, grad: Tensor):
+    w_packed, w_scale = ctx.saved_tensors
+    w = quant.dequantize_int4_per_channel(w_packed, w_scale)
+    grad_x = grad.float() @ w  # d/d(x R): the rotated input's gradient
+    if ctx.hadamard_block >= 0:
+        # x R -> x: multiply by R^T (R orthonormal), the other helper's transposed FWHT.
+        k = grad_x.shape[-1]
+        grad_x = torch.ops.qhl.hadamard(grad_x.reshape(-1, k), ctx.hadamard_block, transpose=True)
+        grad_x = grad_x.reshape(*grad.shape[:-1], k)
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x.to(ctx.x_dtype), None, None, grad_b, None
+
+
+@torch.library.custom_op("qhl::w4a8_linear", mutates_args=())
+def w4a8_linear(
+    x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], hadamard_block: int = -1
+) -> Tensor:
+    """Spec face of w4a8 (8-bit per-token activations): see the module docstring."""
+    return w4ax_linear_spec(x, w_packed, w_scale, bias, hadamard_block, 8)
+
+
+@torch.library.custom_op("qhl::w4a4_linear", mutates_args=())
+def w4a4_linear(
+    x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], hadamard_block: int = -1
+) -> Tensor:
+    """Spec face of w4a4 (4-bit per-token activations, codes in [-7, 7]): see the module docstring."""
+    return w4ax_linear_spec(x, w_packed, w_scale, bias, hadamard_block, 4)
+
+
+for _op, _bits in ((w4a8_linear, 8), (w4a4_linear, 4)):
+    _op.register_fake(_fake)
+    _op.register_kernel("cuda")(_cuda(_bits))
+    _op.register_autograd(_backward, setup_context=_setup_context)
