@@ -1,19 +1,26 @@
-"""What every benchmark result records about where it was measured: the machine, the library
-versions, the load on the cores, and a fingerprint of the qhl sources measured."""
+"""What the benchmark scripts share: what every result records about where it was measured (the
+machine, the library versions, the load on the cores, a fingerprint of the qhl sources measured),
+round-robin timing, cosine / SQNR on numpy outputs, and writing a result as JSON + Markdown."""
 from __future__ import annotations
 
 import datetime
 import hashlib
+import json
+import math
 import os
 import pathlib
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 import qhl
 
-__all__ = ["qhl_sources", "machine"]
+__all__ = ["qhl_sources", "machine", "round_robin_ms", "round_robin", "cosine", "sqnr", "write_results"]
 
 
 def qhl_sources() -> dict[str, str]:
@@ -40,3 +47,51 @@ def machine(*packages: str) -> dict[str, Any]:
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 qhl=qhl_sources(),
                 load_avg_1m=round(os.getloadavg()[0], 2))
+
+
+def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Each call's wall time in ms, `reps` per function, after `warmup` untimed calls of each.
+
+    One call of each function in turn, rather than all reps of one then all of the next, so that a
+    noisy neighbour on a shared box slows every variant alike and their ratio stays meaningful.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def round_robin(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+    """`round_robin_ms` summarised per function: median_ms, min_ms and the number of runs."""
+    times = round_robin_ms(fns, reps, warmup)
+    return {n: {"median_ms": statistics.median(t), "min_ms": min(t), "runs": len(t)} for n, t in times.items()}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays, flattened, in float64."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of `out` against `ref` in dB, in float64 (inf when equal)."""
+    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    err = float(np.sum((ref - out) ** 2))
+    return math.inf if err == 0 else 10 * math.log10(float(np.sum(ref**2)) / err)
+
+
+def write_results(out: pathlib.Path, res: dict[str, Any], to_markdown: Callable[[dict[str, Any]], str]) -> str:
+    """Write `res` to out.json and to_markdown(res) to out.md (any suffix of `out` is replaced),
+    print the Markdown and return it. The JSON is written first, so a failing table keeps it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
+    md = to_markdown(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    return md

@@ -23,16 +23,13 @@ import argparse
 import json
 import logging
 import pathlib
-import statistics
 import sys
-import time
-from typing import Any
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_env import machine  # noqa: E402
+from bench_env import machine, round_robin  # noqa: E402
 
 import qhl.codegen  # noqa: E402,F401  (registers the ops)
 
@@ -152,19 +149,6 @@ def check_same(peft_model, fused, x) -> dict[str, float]:
     )
 
 
-def time_round_robin(fns: dict[str, Any], reps: int) -> dict[str, float]:
-    for fn in fns.values():
-        for _ in range(2):
-            fn()
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) * 1e3 for n, t in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=9)
@@ -180,7 +164,7 @@ def main() -> None:
         x = torch.randn(4, args.tokens // 4, WIDTH, requires_grad=True)
         same = check_same(peft_model, fused, x)
         fns = {"peft": lambda m=peft_model, x=x: step(m, x), "qhl": lambda m=fused, x=x: step(m, x)}
-        ms = time_round_robin(fns, args.reps)
+        ms = {n: t["median_ms"] for n, t in round_robin(fns, args.reps, warmup=2).items()}
         row = dict(
             config=name,
             tokens=args.tokens,

@@ -17,7 +17,6 @@ Prints a markdown table and writes results/hadamard_fidelity.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import qhl
-from bench_env import machine
+from bench_env import machine, write_results
 from qhl.metrics import perplexity, sqnr_db
 from qhl.models import load_smollm2, news_corpus_tokens
 
@@ -93,11 +92,7 @@ def main() -> None:
         invariance.append(dict(recipe=label, rel_err=rel, layers=layers))
         log.info("%-22s logits rel. error %.2e (%s)", label, rel, layers)
     result = dict(machine=machine(), n_seqs=args.n_seqs, seq_len=args.seq_len, rows=rows, invariance=invariance)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "hadamard_fidelity.json").write_text(json.dumps(result, indent=2, default=str))
-    md = markdown(result)
-    (RESULTS / "hadamard_fidelity.md").write_text(md)
-    print(md)
+    write_results(RESULTS / "hadamard_fidelity", result, markdown)
 
 
 def markdown(result: dict[str, Any]) -> str:

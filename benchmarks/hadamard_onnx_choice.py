@@ -11,12 +11,11 @@ benchmarks/results/hadamard_onnx_choice.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
 import tempfile
-import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_env import machine  # noqa: E402
+from bench_env import machine, round_robin_ms, write_results  # noqa: E402
 
 import qhl.codegen  # noqa: E402,F401
 from qhl.codegen.hadamard import hadamard_spec  # noqa: E402
@@ -70,15 +69,8 @@ def run(reps: int, threads: int) -> dict[str, Any]:
                 err = {}
                 for name, sess in sessions.items():
                     err[name] = float(np.abs(sess.run(None, feeds[name])[0] - want).max())
-                times: dict[str, list[float]] = {name: [] for name in sessions}
-                for name, sess in sessions.items():  # warm-up
-                    for _ in range(3):
-                        sess.run(None, feeds[name])
-                for _ in range(reps):
-                    for name, sess in sessions.items():
-                        t0 = time.perf_counter()
-                        sess.run(None, feeds[name])
-                        times[name].append((time.perf_counter() - t0) * 1e3)
+                times = round_robin_ms({name: partial(sess.run, None, feeds[name]) for name, sess in sessions.items()},
+                                       reps, warmup=3)
                 entry = dict(n=n, rows=r, max_abs_err=err)
                 for name, t in times.items():
                     entry[name] = dict(median_ms=statistics.median(t), min_ms=min(t))
@@ -113,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    res = run(args.reps, args.threads)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "hadamard_onnx_choice"
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
-    out.with_suffix(".md").write_text(to_markdown(res))
-    print(to_markdown(res))
+    write_results(RESULTS / "hadamard_onnx_choice", run(args.reps, args.threads), to_markdown)
     return 0
 
 

@@ -1,8 +1,8 @@
 """The cost of online rotation after ONNX export: SmolLM2-135M in ONNX Runtime (CPU), one run.
 
-Exports SmolLM2 with `w8a8` (no rotation), `hadamard-w8a8` (rotation="auto": offline residual
-rotation, online Hadamards only before o_proj and down_proj) and `hadamard-w8a8` online (a
-Hadamard before every quantized layer), plus float32, and times them round-robin in ORT at 1, 64
+Exports SmolLM2 with `w8a8` (no rotation), `hadamard-w8a8` online (the preset: a Hadamard before
+every quantized layer, shared by layers reading the same input) and `hadamard-w8a8` auto (offline
+residual rotation, online Hadamards only before o_proj and down_proj), plus float32, and times them round-robin in ORT at 1, 64
 and 256 tokens (medians of --reps runs). Also reports each export's logits against qhl's own torch
 output for the same recipe (cosine) and against float32 (SQNR), so speed and accuracy sit side
 by side. Writes results/hadamard_onnx_cpu.{md,json}.
@@ -12,23 +12,20 @@ by side. Writes results/hadamard_onnx_cpu.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
 import pathlib
 import statistics
 import tempfile
-import time
+from functools import partial
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import torch
 
 import qhl
-from bench_env import machine
+from bench_env import cosine, machine, round_robin_ms, sqnr, write_results
 from qhl.runtime import ort as qort
 
 log = logging.getLogger("hadamard_onnx_speed")
@@ -37,20 +34,9 @@ TOKENS = (1, 64, 256)
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("float32", "float", {}),
     ("w8a8", "w8a8", {}),
-    ("hadamard-w8a8 (auto)", "hadamard-w8a8", {}),
     ("hadamard-w8a8 (online)", "hadamard-w8a8", {"rotation": "online"}),
+    ("hadamard-w8a8 (auto)", "hadamard-w8a8", {"rotation": "auto"}),
 ]
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
-    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
-    err = float(np.sum((ref - out) ** 2))
-    return math.inf if err == 0 else 10 * math.log10(float(np.sum(ref**2)) / err)
 
 
 def main() -> None:
@@ -81,14 +67,7 @@ def main() -> None:
         x = ids[:, :t]
         outs = {n: qort.run(s, (x,))[0] for n, s in sessions.items()}
         feeds = {n: {s.get_inputs()[0].name: x.numpy()} for n, s in sessions.items()}
-        for n, s in sessions.items():  # warm-up
-            s.run(None, feeds[n])
-        times: dict[str, list[float]] = {n: [] for n in sessions}
-        for _ in range(args.reps):
-            for n, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, feeds[n])
-                times[n].append((time.perf_counter() - t0) * 1e3)
+        times = round_robin_ms({n: partial(s.run, None, feeds[n]) for n, s in sessions.items()}, args.reps, warmup=1)
         base = statistics.median(times["w8a8"])
         for n in sessions:
             med = statistics.median(times[n])
@@ -96,11 +75,7 @@ def main() -> None:
                              sqnr_db_vs_f32=sqnr(outs["float32"], outs[n])))
             log.info("T=%-4d %-24s %8.2f ms  x%.3f of w8a8  SQNR %.2f dB", t, n, med, med / base, rows[-1]["sqnr_db_vs_f32"])
     result = dict(machine=machine("onnxruntime"), reps=args.reps, rows=rows, exports=exports, parity=parity)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "hadamard_onnx_cpu.json").write_text(json.dumps(result, indent=2, default=str))
-    md = markdown(result)
-    (RESULTS / "hadamard_onnx_cpu.md").write_text(md)
-    print(md)
+    write_results(RESULTS / "hadamard_onnx_cpu", result, markdown)
 
 
 def markdown(result: dict[str, Any]) -> str:

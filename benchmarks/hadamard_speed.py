@@ -17,17 +17,15 @@ The single-thread numbers measure the work.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
-import time
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_env import machine  # noqa: E402
+from bench_env import machine, round_robin_ms, write_results  # noqa: E402
 
 import qhl  # noqa: E402
 import qhl.codegen  # noqa: E402,F401  (registers torch.ops.qhl.hadamard)
@@ -46,15 +44,7 @@ def bench(reps: int, threads: int) -> list[dict[str, Any]]:
             x = torch.randn(r, n)
             fns = {"fwht": lambda: torch.ops.qhl.hadamard(x), "dense": lambda: x @ h}
             err = (fns["fwht"]() - fns["dense"]()).abs().max().item()
-            for fn in fns.values():  # warm-up
-                for _ in range(3):
-                    fn()
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            for _ in range(reps):
-                for k, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[k].append((time.perf_counter() - t0) * 1e3)
+            times = round_robin_ms(fns, reps, warmup=3)
             med = {k: statistics.median(t) for k, t in times.items()}
             ratios = [d / f for d, f in zip(times["dense"], times["fwht"])]
             entry = dict(n=n, rows=r, fwht_ms=med["fwht"], dense_ms=med["dense"],
@@ -96,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in counts:
             results += bench(args.reps, t)
     torch.set_num_threads(default_threads)
-    res = dict(machine=machine(), reps=args.reps, results=results)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "hadamard_cpu"
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
-    out.with_suffix(".md").write_text(to_markdown(res))
-    print(to_markdown(res))
+    write_results(RESULTS / "hadamard_cpu", dict(machine=machine(), reps=args.reps, results=results), to_markdown)
     return 0
 
 

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
-import math
 import os
 import pathlib
 import platform
-import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,9 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-import qhl.codegen.onnx.per_token_quant as ptq
-from qhl.onnx_export import export_onnx
-from qhl.runtime import ort as qort
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_env import cosine, round_robin, sqnr, write_results  # noqa: E402
+
+import qhl.codegen.onnx.per_token_quant as ptq  # noqa: E402
+from qhl.onnx_export import export_onnx  # noqa: E402
+from qhl.runtime import ort as qort  # noqa: E402
 
 log = logging.getLogger("onnx_speed")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -52,30 +52,6 @@ TOKENS = (1, 64, 256, 512)
 def stack() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH)]).eval()
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
-    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
-    err = float(np.sum((ref - out) ** 2))
-    return math.inf if err == 0 else 10 * math.log10(float(np.sum(ref**2)) / err)
-
-
-def round_robin(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[str, dict[str, float]]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {n: {"median_ms": statistics.median(t), "min_ms": min(t), "runs": len(t)} for n, t in times.items()}
 
 
 def quantize_dynamic_file(f32_path: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
@@ -367,11 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_minilm:
             res["minilm"] = bench_minilm(tmp, res["reps"])
     res["machine"]["load_avg_at_end"] = os.getloadavg()
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
-    out.with_suffix(".md").write_text(to_markdown(res))
-    print(to_markdown(res))
+    write_results(pathlib.Path(args.out), res, to_markdown)
     return 0
 
 

@@ -49,6 +49,7 @@ Faces:
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -216,6 +217,7 @@ def gralora_linear_spec(
     scaling: float,
     x_adapter: Optional[Tensor] = None,
 ) -> Tensor:
+    """Spec face of qhl::gralora_linear (see the module docstring)."""
     out_features, in_features = weight.shape
     _check(in_features, out_features, lora_a, lora_b, hybrid_a, hybrid_b)
     xb = x if x.dtype == weight.dtype else x.to(weight.dtype)
@@ -237,6 +239,7 @@ def gralora_w4a16_linear_spec(
     scaling: float,
     x_adapter: Optional[Tensor] = None,
 ) -> Tensor:
+    """Spec face of qhl::gralora_w4a16_linear: the w4a16_linear base plus the adapter."""
     from qhl.codegen.w4a16 import w4a16_linear_spec
 
     out_features, in_features = w_packed.shape[0], w_packed.shape[1] * 2
@@ -246,140 +249,53 @@ def gralora_w4a16_linear_spec(
 
 
 # --- the ops ---------------------------------------------------------------------------------------
+# Each op's default face is its spec function itself: custom_op infers the op's schema from the
+# spec's signature, so the two cannot drift apart. The fake and CUDA faces below serve both ops.
+# They take the op's arguments in schema order: the base's (x, its weight tensors, bias), then
+# the adapter's (lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter). The dispatcher leaves out
+# a trailing x_adapter that is None, hence *args rather than a fixed count.
+
+gralora_linear = torch.library.custom_op("qhl::gralora_linear", mutates_args=())(
+    gralora_linear_spec
+)
+gralora_w4a16_linear = torch.library.custom_op("qhl::gralora_w4a16_linear", mutates_args=())(
+    gralora_w4a16_linear_spec
+)
 
 
-@torch.library.custom_op("qhl::gralora_linear", mutates_args=())
-def gralora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_a: Tensor,
-    lora_b: Tensor,
-    hybrid_a: Optional[Tensor],
-    hybrid_b: Optional[Tensor],
-    scaling: float,
-    x_adapter: Optional[Tensor] = None,
-) -> Tensor:
-    """Spec face: see the module docstring."""
-    return gralora_linear_spec(
-        x, weight, bias, lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter
-    )
+def _n_base_args(spec) -> int:
+    """How many of the op's arguments come before lora_a (3 for gralora, 6 for gralora_w4a16)."""
+    return list(inspect.signature(spec).parameters).index("lora_a")
 
 
-@gralora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter=None):
+def _fake(x: Tensor, weight: Tensor, *args) -> Tensor:
+    """Fake face of both ops: [..., out] in x's dtype; out = rows of weight (or of w_packed)."""
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@gralora_linear.register_kernel("cuda")
-def _(x, weight, bias, lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter=None):
-    from qhl.codegen.triton.gralora import gralora_linear_triton, supports
+def _cuda_face(spec, triton_name: str):
+    """The CUDA kernel face of the op whose spec is `spec`: the Triton kernels (the function
+    `triton_name` of codegen/triton/gralora.py) when they take the adapter's ranks, else the spec
+    (plain torch ops, which run on CUDA too)."""
+    n_base = _n_base_args(spec)
 
-    if not supports(lora_a, hybrid_a):
-        return gralora_linear_spec(
-            x, weight, bias, lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter
-        )
-    return gralora_linear_triton(
-        x, weight, bias, lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter
-    )
+    def kernel(*args):
+        from qhl.codegen.triton import gralora as triton_gralora
 
+        lora_a, hybrid_a = args[n_base], args[n_base + 2]
+        if not triton_gralora.supports(lora_a, hybrid_a):
+            return spec(*args)
+        return getattr(triton_gralora, triton_name)(*args)
 
-@torch.library.custom_op("qhl::gralora_w4a16_linear", mutates_args=())
-def gralora_w4a16_linear(
-    x: Tensor,
-    w_packed: Tensor,
-    w_scale: Tensor,
-    w_zero: Tensor,
-    group_size: int,
-    bias: Optional[Tensor],
-    lora_a: Tensor,
-    lora_b: Tensor,
-    hybrid_a: Optional[Tensor],
-    hybrid_b: Optional[Tensor],
-    scaling: float,
-    x_adapter: Optional[Tensor] = None,
-) -> Tensor:
-    """Spec face: the w4a16_linear base plus the adapter (see the module docstring)."""
-    return gralora_w4a16_linear_spec(
-        x,
-        w_packed,
-        w_scale,
-        w_zero,
-        group_size,
-        bias,
-        lora_a,
-        lora_b,
-        hybrid_a,
-        hybrid_b,
-        scaling,
-        x_adapter,
-    )
+    return kernel
 
 
-@gralora_w4a16_linear.register_fake
-def _(
-    x,
-    w_packed,
-    w_scale,
-    w_zero,
-    group_size,
-    bias,
-    lora_a,
-    lora_b,
-    hybrid_a,
-    hybrid_b,
-    scaling,
-    x_adapter=None,
-):
-    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
-
-
-@gralora_w4a16_linear.register_kernel("cuda")
-def _(
-    x,
-    w_packed,
-    w_scale,
-    w_zero,
-    group_size,
-    bias,
-    lora_a,
-    lora_b,
-    hybrid_a,
-    hybrid_b,
-    scaling,
-    x_adapter=None,
-):
-    from qhl.codegen.triton.gralora import gralora_w4a16_linear_triton, supports
-
-    if not supports(lora_a, hybrid_a):
-        return gralora_w4a16_linear_spec(
-            x,
-            w_packed,
-            w_scale,
-            w_zero,
-            group_size,
-            bias,
-            lora_a,
-            lora_b,
-            hybrid_a,
-            hybrid_b,
-            scaling,
-            x_adapter,
-        )
-    return gralora_w4a16_linear_triton(
-        x,
-        w_packed,
-        w_scale,
-        w_zero,
-        group_size,
-        bias,
-        lora_a,
-        lora_b,
-        hybrid_a,
-        hybrid_b,
-        scaling,
-        x_adapter,
-    )
+gralora_linear.register_fake(_fake)
+gralora_w4a16_linear.register_fake(_fake)
+gralora_linear.register_kernel("cuda")(_cuda_face(gralora_linear_spec, "gralora_linear_triton"))
+gralora_w4a16_linear.register_kernel("cuda")(
+    _cuda_face(gralora_w4a16_linear_spec, "gralora_w4a16_linear_triton")
+)
 
 
 # --- grad face ---------------------------------------------------------------------------------------
@@ -438,8 +354,23 @@ def adapter_backward(
     return dx, da, db, dha, dhb
 
 
-def _grads_common(ctx, grad: Tensor, dx_base: Optional[Tensor]):
+def _saved_adapter(ctx):
+    """(x_adapter or x, lora_a, lora_b, hybrid_a, hybrid_b) as saved; the hybrids None when the op
+    had none (they are saved as empty tensors then)."""
     x_adapter, lora_a, lora_b, hybrid_a, hybrid_b = ctx.saved_tensors[:5]
+    if not ctx.has_hybrid:
+        hybrid_a = hybrid_b = None
+    return x_adapter, lora_a, lora_b, hybrid_a, hybrid_b
+
+
+def _bias_grad(ctx, grad: Tensor) -> Optional[Tensor]:
+    if not ctx.need_bias:
+        return None
+    return grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+
+
+def _grads_common(ctx, grad: Tensor, dx_base: Optional[Tensor]):
+    x_adapter, lora_a, lora_b, hybrid_a, hybrid_b = _saved_adapter(ctx)
     need_x, need_a, need_b, need_ha, need_hb, need_xa = ctx.needs
     adapter_x_grad = need_xa if ctx.separate_adapter_input else need_x
     # accumulate the adapter's dx into the base's in place when both are x's (same dtype)
@@ -451,10 +382,10 @@ def _grads_common(ctx, grad: Tensor, dx_base: Optional[Tensor]):
         x_adapter,
         lora_a,
         lora_b,
-        hybrid_a if ctx.has_hybrid else None,
-        hybrid_b if ctx.has_hybrid else None,
+        hybrid_a,
+        hybrid_b,
         ctx.scaling,
-        (adapter_x_grad, need_a, need_b, need_ha and ctx.has_hybrid, need_hb and ctx.has_hybrid),
+        (adapter_x_grad, need_a, need_b, need_ha, need_hb),
         dx_into=into,
     )
     shape = ctx.x_shape
@@ -467,26 +398,33 @@ def _grads_common(ctx, grad: Tensor, dx_base: Optional[Tensor]):
     elif need_x:
         dx = dxa if into is not None else dx_base + dxa.to(dx_base.dtype)
         grad_x = dx.reshape(shape).to(ctx.x_dtype)
-    grad_bias = (
-        grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if ctx.need_bias else None
-    )
     da = None if da is None else da.to(lora_a.dtype)
     db = None if db is None else db.to(lora_b.dtype)
     dha = None if dha is None else dha.to(hybrid_a.dtype)
     dhb = None if dhb is None else dhb.to(hybrid_b.dtype)
-    return grad_x, grad_bias, da, db, dha, dhb, grad_xa
+    return grad_x, _bias_grad(ctx, grad), da, db, dha, dhb, grad_xa
 
 
-def _save_common(ctx, x, bias, lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter, needs):
-    """needs: needs_input_grad of (x, lora_a, lora_b, hybrid_a, hybrid_b, x_adapter, bias)."""
+def _save_common(ctx, inputs) -> list[Tensor]:
+    """Keeps on ctx what the backward of either op needs; returns the adapter tensors to save.
+
+    inputs: all of the op's arguments (defaults filled in), in schema order. Both ops end with
+    bias and then the adapter's six (lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter).
+    needs_input_grad is indexed from the front: custom_op's may hold an entry past the inputs."""
+    at = len(inputs) - 6  # where the adapter's arguments start
+    x, bias = inputs[0], inputs[at - 1]
+    lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter = inputs[at:]
+    n = ctx.needs_input_grad
+    has_h = hybrid_a is not None
     ctx.separate_adapter_input = x_adapter is not None
-    ctx.has_hybrid = hybrid_a is not None
+    ctx.has_hybrid = has_h
     ctx.scaling = scaling
     ctx.x_shape = x.shape
     ctx.x_dtype = x.dtype
     ctx.xa_dtype = (x if x_adapter is None else x_adapter).dtype
-    ctx.needs = needs[:6]
-    ctx.need_bias = bias is not None and needs[6]
+    # (x, lora_a, lora_b, hybrid_a, hybrid_b, x_adapter); no hybrid gradients without hybrids
+    ctx.needs = (n[0], n[at], n[at + 1], n[at + 2] and has_h, n[at + 3] and has_h, n[at + 5])
+    ctx.need_bias = bias is not None and n[at - 1]
     ctx.bias_dtype = None if bias is None else bias.dtype
     empty = lora_a.new_empty(0)
     return [
@@ -498,31 +436,18 @@ def _save_common(ctx, x, bias, lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_ad
     ]
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter = inputs
-    n = ctx.needs_input_grad
-    needs = (n[0], n[3], n[4], n[5], n[6], n[8], n[2])
-    saved = _save_common(
-        ctx, x, bias, lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter, needs
-    )
-    ctx.save_for_backward(*saved, weight)
-
-
 def _triton_supports(ctx) -> bool:
     from qhl.codegen.triton.gralora import supports
 
-    _, lora_a, _, hybrid_a, _ = ctx.saved_tensors[:5]
-    return supports(lora_a, hybrid_a if ctx.has_hybrid else None)
+    _, lora_a, _, hybrid_a, _ = _saved_adapter(ctx)
+    return supports(lora_a, hybrid_a)
 
 
 def _backward_cuda(ctx, grad: Tensor, weight: Optional[Tensor]):
     """The grad face on CUDA: the Triton backward kernels (codegen/triton/gralora.py)."""
     from qhl.codegen.triton.gralora import gralora_backward_triton
 
-    x_adapter, lora_a, lora_b, hybrid_a, hybrid_b = ctx.saved_tensors[:5]
-    if not ctx.has_hybrid:
-        hybrid_a = hybrid_b = None
-    need_x, need_a, need_b, need_ha, need_hb, need_xa = ctx.needs
+    x_adapter, lora_a, lora_b, hybrid_a, hybrid_b = _saved_adapter(ctx)
     dx, dxa, da, db, dha, dhb = gralora_backward_triton(
         grad,
         x_adapter,
@@ -533,23 +458,31 @@ def _backward_cuda(ctx, grad: Tensor, weight: Optional[Tensor]):
         hybrid_b,
         ctx.scaling,
         ctx.separate_adapter_input,
-        (need_x, need_a, need_b, need_ha and ctx.has_hybrid, need_hb and ctx.has_hybrid, need_xa),
+        ctx.needs,
     )
     gx = None if dx is None else dx.reshape(ctx.x_shape).to(ctx.x_dtype)
     gxa = None if dxa is None else dxa.reshape(ctx.x_shape).to(ctx.xa_dtype)
-    gb = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if ctx.need_bias else None
-    return gx, gb, da, db, dha, dhb, gxa
+    return gx, _bias_grad(ctx, grad), da, db, dha, dhb, gxa
 
 
-def _backward(ctx, grad: Tensor):
-    weight = ctx.saved_tensors[5]
+def _grads(ctx, grad: Tensor, weight: Optional[Tensor]):
+    """(dx, dbias, dA, dB, dhybrid_a, dhybrid_b, dx_adapter) of either op. weight: the frozen
+    base [out, in] (dequantized for gralora_w4a16); it may be None when x needs no gradient."""
     if grad.is_cuda and _triton_supports(ctx):
-        gx, gb, da, db, dha, dhb, gxa = _backward_cuda(ctx, grad, weight)
-        return gx, None, gb, da, db, dha, dhb, None, gxa
+        return _backward_cuda(ctx, grad, weight)
     dx_base = None
     if ctx.needs[0]:
         dx_base = grad.reshape(-1, grad.shape[-1]).to(weight.dtype) @ weight
-    gx, gb, da, db, dha, dhb, gxa = _grads_common(ctx, grad, dx_base)
+    return _grads_common(ctx, grad, dx_base)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    weight = inputs[1]
+    ctx.save_for_backward(*_save_common(ctx, inputs), weight)
+
+
+def _backward(ctx, grad: Tensor):
+    gx, gb, da, db, dha, dhb, gxa = _grads(ctx, grad, ctx.saved_tensors[5])
     return gx, None, gb, da, db, dha, dhb, None, gxa
 
 
@@ -557,44 +490,17 @@ gralora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _setup_context_w4(ctx, inputs, output) -> None:
-    (
-        x,
-        packed,
-        scale,
-        zero,
-        group_size,
-        bias,
-        lora_a,
-        lora_b,
-        hybrid_a,
-        hybrid_b,
-        scaling,
-        x_adapter,
-    ) = inputs
-    n = ctx.needs_input_grad
-    needs = (n[0], n[6], n[7], n[8], n[9], n[11], n[5])
-    saved = _save_common(
-        ctx, x, bias, lora_a, lora_b, hybrid_a, hybrid_b, scaling, x_adapter, needs
-    )
+    packed, scale, zero, group_size = inputs[1:5]
     ctx.group_size = group_size
-    ctx.save_for_backward(*saved, packed, scale, zero)
+    ctx.save_for_backward(*_save_common(ctx, inputs), packed, scale, zero)
 
 
 def _backward_w4(ctx, grad: Tensor):
-    packed, scale, zero = ctx.saved_tensors[5:8]
-    if grad.is_cuda and _triton_supports(ctx):
-        w = (
-            quant.dequantize_int4_groupwise(packed, scale, zero, ctx.group_size)
-            if ctx.needs[0]
-            else None
-        )
-        gx, gb, da, db, dha, dhb, gxa = _backward_cuda(ctx, grad, w)
-        return gx, None, None, None, None, gb, da, db, dha, dhb, None, gxa
-    dx_base = None
-    if ctx.needs[0]:
+    w = None
+    if ctx.needs[0]:  # the base's dx needs the weight; it is dequantized only then
+        packed, scale, zero = ctx.saved_tensors[5:8]
         w = quant.dequantize_int4_groupwise(packed, scale, zero, ctx.group_size)
-        dx_base = grad.reshape(-1, grad.shape[-1]).float() @ w
-    gx, gb, da, db, dha, dhb, gxa = _grads_common(ctx, grad, dx_base)
+    gx, gb, da, db, dha, dhb, gxa = _grads(ctx, grad, w)
     return gx, None, None, None, None, gb, da, db, dha, dhb, None, gxa
 
 

@@ -60,3 +60,17 @@ def sqnr_fixture():
 
 def finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M (real weights, KV cache off), 1 x 64 news tokens, and its float32 logits.
+    Session-scoped: loading it costs ~15 s, and several test files use it."""
+    from qhl.models import load_smollm2, news_corpus_tokens
+
+    model, tok = load_smollm2()
+    model.config.use_cache = False
+    ids = news_corpus_tokens(tok, n_seqs=1, seq_len=64)
+    with torch.no_grad():
+        ref = model(ids).logits
+    return model, ids, ref

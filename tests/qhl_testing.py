@@ -98,6 +98,19 @@ def run_graph(gm: fx.GraphModule, inputs: tuple[Any, ...] | None = None) -> list
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
+def compile_run(model: Any, inputs: tuple[Any, ...], recipe: Any, **knobs: Any) -> tuple[Any, Any]:
+    """torch.compile(model, backend=qhl.backend(recipe, **knobs)) on fresh Dynamo state, run once
+    under no_grad; returns (output, the backend object with its compiled graphs)."""
+    import qhl
+
+    torch._dynamo.reset()
+    be = qhl.backend(recipe, **knobs)
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(*inputs)
+    torch._dynamo.reset()
+    return out, be
+
+
 # --- golden rendering -----------------------------------------------------------------------------
 
 

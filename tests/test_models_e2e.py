@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from qhl_testing import fake_quant_module
+from qhl_testing import compile_run, fake_quant_module
 
 import qhl
 from qhl.metrics import sqnr_db
@@ -27,13 +27,7 @@ RECIPES = {
 }
 
 
-def _compile_run(model, inputs, recipe, **knobs):
-    torch._dynamo.reset()
-    be = qhl.backend(recipe, **knobs)
-    with torch.no_grad():
-        out = torch.compile(model, backend=be)(*inputs)
-    torch._dynamo.reset()
-    return out, be
+_compile_run = compile_run  # (out, backend) of torch.compile(model, backend=qhl.backend(recipe))
 
 
 def _layers(be):
@@ -49,16 +43,7 @@ def _layers(be):
 # --- SmolLM2-135M (real weights) -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from qhl.models import load_smollm2, news_corpus_tokens
-
-    model, tok = load_smollm2()
-    model.config.use_cache = False
-    ids = news_corpus_tokens(tok, n_seqs=1, seq_len=64)
-    with torch.no_grad():
-        ref = model(ids).logits
-    return model, ids, ref
+# The `smollm2` fixture (model, 1 x 64 news tokens, float32 logits) is in conftest.py.
 
 
 @pytest.mark.model

@@ -12,16 +12,13 @@ import os
 import pytest
 import torch
 
-import qhl
+from qhl_testing import compile_run
+
 from qhl.metrics import sqnr_db
 
 
 def _compile_run(model, inputs, recipe, **knobs):
-    torch._dynamo.reset()
-    be = qhl.backend(recipe, **knobs)
-    with torch.no_grad():
-        out = torch.compile(model, backend=be)(*inputs)
-    torch._dynamo.reset()
+    out, be = compile_run(model, inputs, recipe, **knobs)
     return out, be.graphs[-1].layers
 
 
@@ -33,18 +30,6 @@ def _rel(out, ref) -> float:
 # check; the online one and the w8a8 comparison (two more compiles each) run with QHL_RUN_SLOW=1,
 # and benchmarks/hadamard_fidelity.py measures all of them on 4 x 512 tokens.
 SLOW = pytest.mark.skipif(not os.environ.get("QHL_RUN_SLOW"), reason="more SmolLM2 compiles; QHL_RUN_SLOW=1")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from qhl.models import load_smollm2, news_corpus_tokens
-
-    model, tok = load_smollm2()
-    model.config.use_cache = False
-    ids = news_corpus_tokens(tok, n_seqs=1, seq_len=64)
-    with torch.no_grad():
-        ref = model(ids).logits
-    return model, ids, ref
 
 
 @pytest.mark.model

@@ -90,6 +90,12 @@ def adapter(xa: Any, lora_a: Any, lora_b: Any, hybrid_a: Any, hybrid_b: Any, sca
     return op.Mul(z, const(float(scaling), np.float32))
 
 
+def _add_adapter(base, xf, x_adapter, lora_a, lora_b, hybrid_a, hybrid_b, scaling) -> Any:
+    """base (float32) + the adapter of x_adapter, or of x (xf: x as float32) when it is None."""
+    xa = xf if x_adapter is None else x_adapter
+    return opset().Add(base, adapter(xa, lora_a, lora_b, hybrid_a, hybrid_b, scaling))
+
+
 def translate(
     x: Any,
     weight: Any,
@@ -105,55 +111,17 @@ def translate(
     op = opset()
     xf, x_dtype = as_float32(x)
     base = op.MatMul(xf, op.Transpose(_float(weight), perm=[1, 0]))
-    delta = adapter(
-        xf if x_adapter is None else x_adapter, lora_a, lora_b, hybrid_a, hybrid_b, scaling
-    )
-    return finish(op.Add(base, delta), bias, x_dtype)
+    y = _add_adapter(base, xf, x_adapter, lora_a, lora_b, hybrid_a, hybrid_b, scaling)
+    return finish(y, bias, x_dtype)
 
 
-def _translate_w4(
-    base_fn,
-    x,
-    w_packed,
-    w_scale,
-    w_zero,
-    group_size,
-    bias,
-    lora_a,
-    lora_b,
-    hybrid_a,
-    hybrid_b,
-    scaling,
-    x_adapter,
-):
-    xf, x_dtype = as_float32(x)
-    base = base_fn(xf, w_packed, w_scale, w_zero, group_size, bias)
-    y = opset().Add(
-        base,
-        adapter(
-            xf if x_adapter is None else x_adapter, lora_a, lora_b, hybrid_a, hybrid_b, scaling
-        ),
-    )
-    return y if x_dtype is None else opset().Cast(y, to=x_dtype)
+def _w4a16_translation(base_translate, name: str, doc: str):
+    """A translation of qhl::gralora_w4a16_linear on top of `base_translate`, one of the w4a16
+    translations (codegen/onnx/w4a16.py): the targets differ only in the base. A factory so that
+    the op's argument list, which the exporter reads from each translation's signature, is
+    written once for both targets."""
 
-
-def translate_w4a16(
-    x,
-    w_packed,
-    w_scale,
-    w_zero,
-    group_size,
-    bias,
-    lora_a,
-    lora_b,
-    hybrid_a,
-    hybrid_b,
-    scaling,
-    x_adapter=None,
-):
-    """qhl::gralora_w4a16_linear -> blocked uint4 DequantizeLinear + MatMul base + adapter."""
-    return _translate_w4(
-        w4a16.translate,
+    def translation(
         x,
         w_packed,
         w_scale,
@@ -165,40 +133,28 @@ def translate_w4a16(
         hybrid_a,
         hybrid_b,
         scaling,
-        x_adapter,
-    )
+        x_adapter=None,
+    ):
+        xf, x_dtype = as_float32(x)
+        base = base_translate(xf, w_packed, w_scale, w_zero, group_size, bias)  # float32, + bias
+        y = _add_adapter(base, xf, x_adapter, lora_a, lora_b, hybrid_a, hybrid_b, scaling)
+        return finish(y, None, x_dtype)
+
+    translation.__name__ = translation.__qualname__ = name
+    translation.__doc__ = doc
+    return translation
 
 
-def translate_w4a16_onnxruntime(
-    x,
-    w_packed,
-    w_scale,
-    w_zero,
-    group_size,
-    bias,
-    lora_a,
-    lora_b,
-    hybrid_a,
-    hybrid_b,
-    scaling,
-    x_adapter=None,
-):
-    """qhl::gralora_w4a16_linear -> com.microsoft::MatMulNBits base + adapter."""
-    return _translate_w4(
-        w4a16.translate_onnxruntime,
-        x,
-        w_packed,
-        w_scale,
-        w_zero,
-        group_size,
-        bias,
-        lora_a,
-        lora_b,
-        hybrid_a,
-        hybrid_b,
-        scaling,
-        x_adapter,
-    )
+translate_w4a16 = _w4a16_translation(
+    w4a16.translate,
+    "translate_w4a16",
+    "qhl::gralora_w4a16_linear -> blocked uint4 DequantizeLinear + MatMul base + adapter.",
+)
+translate_w4a16_onnxruntime = _w4a16_translation(
+    w4a16.translate_onnxruntime,
+    "translate_w4a16_onnxruntime",
+    "qhl::gralora_w4a16_linear -> com.microsoft::MatMulNBits base + adapter.",
+)
 
 
 class _W4A16Form:

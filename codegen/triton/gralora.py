@@ -65,6 +65,27 @@ def _pow2_block(n: int, cap: int) -> int:
     return min(max(triton.next_power_of_2(max(int(n), 1)), MIN_BLOCK), cap)
 
 
+@triton.jit
+def _dot_k_loop(
+    acc, a_ptrs, b_ptrs, mask_a, mask_b, K, stride_ak, stride_bk, BLOCK_K: tl.constexpr
+):
+    """acc + a @ b over K in BLOCK_K steps; the main loop of all three kernels.
+
+    a_ptrs [BLOCK_A, BLOCK_K] and b_ptrs [BLOCK_K, BLOCK_B] point at the first K step (built with
+    offsets tl.arange(0, BLOCK_K) along K); mask_a [BLOCK_A] masks a's rows, mask_b [BLOCK_B] b's
+    columns; stride_ak / stride_bk step a and b along K. Loads are cast to float32 before the dot:
+    fp16/bf16 inputs accumulate in float32, and a bf16 dot is wrong in the interpreter."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=mask_a[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
 # --- kernel 1: per-block projection, stored regrouped --------------------------------------------
 
 
@@ -100,13 +121,7 @@ def block_project_regroup_kernel(
     p_ptrs = p_ptr + n * stride_pn + offs_f[:, None] * stride_pf + offs_r[None, :] * stride_pr
 
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for f0 in range(0, F, BLOCK_F):
-        mask_f = (f0 + offs_f) < F
-        a = tl.load(src_ptrs, mask=mask_t[:, None] & mask_f[None, :], other=0.0).to(tl.float32)
-        p = tl.load(p_ptrs, mask=mask_f[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(a, p, acc)
-        src_ptrs += BLOCK_F * stride_sf
-        p_ptrs += BLOCK_F * stride_pf
+    acc = _dot_k_loop(acc, src_ptrs, p_ptrs, mask_t, mask_r, F, stride_sf, stride_pf, BLOCK_F)
 
     # regroup: rank index r = j*C + q of block n lands at dst[t, j, n*C + q]
     j = offs_r // C
@@ -215,13 +230,7 @@ def gemm_lowrank_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
         w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = (k0 + offs_k) < K
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(a, w, acc)
-            a_ptrs += BLOCK_K * stride_ak
-            w_ptrs += BLOCK_K * stride_wk
+        acc = _dot_k_loop(acc, a_ptrs, w_ptrs, mask_m, mask_n, K, stride_ak, stride_wk, BLOCK_K)
     if ADD_BASE:
         base_ptrs = base_ptr + offs_m[:, None] * stride_basem + offs_n[None, :] * stride_basen
         acc += tl.load(base_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
@@ -389,13 +398,7 @@ def batched_tn_kernel(
     l_ptrs = l_ptr + b * stride_lb + offs_p[:, None] * stride_lp + offs_t[None, :] * stride_lt
     r_ptrs = r_ptr + b * stride_rb + offs_t[:, None] * stride_rt + offs_q[None, :] * stride_rq
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        mask_t = (t0 + offs_t) < T
-        lt = tl.load(l_ptrs, mask=mask_p[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
-        rt = tl.load(r_ptrs, mask=mask_t[:, None] & mask_q[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(lt, rt, acc)
-        l_ptrs += BLOCK_T * stride_lt
-        r_ptrs += BLOCK_T * stride_rt
+    acc = _dot_k_loop(acc, l_ptrs, r_ptrs, mask_p, mask_q, T, stride_lt, stride_rt, BLOCK_T)
     out_ptrs = out_ptr + b * stride_ob + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
     tl.store(
         out_ptrs, (scale * acc).to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :]
@@ -468,19 +471,38 @@ def _check(op, x, n_out, k_in, bias, lora_a, lora_b, hybrid_a, hybrid_b, x_adapt
     )
 
 
-def _adapter_epilogue_args(xa2: Tensor, lora_a, lora_b, hybrid_a, hybrid_b):
-    """Forward prologue: g = regrouped x_adapter A, u = x_adapter hybrid_a^T; the epilogue's args."""
+def _blocks_down(x2: Tensor, lora_a: Tensor) -> Tensor:
+    """g [T, k, R] float32: x2 [T, in] through each block's A, regrouped by output block."""
     k, _, r = lora_a.shape
-    g = block_project_regroup(
-        xa2, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)), k, r
-    )
-    lowrank = (g, lora_b, (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), lora_b.shape[2])
+    return block_project_regroup(x2, lora_a, tuple(lora_a.stride()), k, r)
+
+
+def _hybrid_down(x2: Tensor, hybrid_a: Tensor) -> Tensor:
+    """u [T, hr] float32 = x2 hybrid_a^T: one block, hybrid_a^T indexed [0, i, q]."""
+    hr = hybrid_a.shape[0]
+    u = block_project_regroup(x2, hybrid_a, (0, hybrid_a.stride(1), hybrid_a.stride(0)), 1, hr)
+    return u[:, 0, :]
+
+
+def _tn_2d(lhs: Tensor, rhs: Tensor, scale: float, out_dtype: torch.dtype) -> Tensor:
+    """[P, Q] = scale * lhs^T rhs for lhs [T, P], rhs [T, Q]: batched_tn with one batch."""
+    t, p = lhs.shape
+    l_strides = (lhs.stride(0), 0, lhs.stride(1))
+    r_strides = (rhs.stride(0), 0, rhs.stride(1))
+    return batched_tn(lhs, l_strides, rhs, r_strides, t, 1, p, rhs.shape[1], scale, out_dtype)[0]
+
+
+def _adapter_epilogue_args(
+    x: Tensor, x_adapter: Optional[Tensor], lora_a, lora_b, hybrid_a, hybrid_b
+):
+    """Forward prologue: g = regrouped x_adapter A, u = x_adapter hybrid_a^T (x_adapter or x);
+    returns gemm_lowrank's lowrank and hybrid arguments."""
+    k, i_blk, _ = lora_a.shape
+    xa2 = (x if x_adapter is None else x_adapter).reshape(-1, k * i_blk)
+    lowrank = (_blocks_down(xa2, lora_a), lora_b, tuple(lora_b.stride()), lora_b.shape[2])
     hybrid = None
     if hybrid_a is not None:
-        u = block_project_regroup(
-            xa2, hybrid_a, (0, hybrid_a.stride(1), hybrid_a.stride(0)), 1, hybrid_a.shape[0]
-        )
-        hybrid = (u[:, 0, :], hybrid_b, (hybrid_b.stride(1), hybrid_b.stride(0)))
+        hybrid = (_hybrid_down(xa2, hybrid_a), hybrid_b, (hybrid_b.stride(1), hybrid_b.stride(0)))
     return lowrank, hybrid
 
 
@@ -500,8 +522,7 @@ def gralora_linear_triton(
     n_out, k_in = weight.shape
     _check(op, x, n_out, k_in, bias, lora_a, lora_b, hybrid_a, hybrid_b, x_adapter)
     x2 = x.reshape(-1, k_in)
-    xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, k_in)
-    lowrank, hybrid = _adapter_epilogue_args(xa2, lora_a, lora_b, hybrid_a, hybrid_b)
+    lowrank, hybrid = _adapter_epilogue_args(x, x_adapter, lora_a, lora_b, hybrid_a, hybrid_b)
     y = gemm_lowrank(
         x2.shape[0],
         n_out,
@@ -537,8 +558,7 @@ def gralora_w4a16_linear_triton(
     n_out, k_in = w_packed.shape[0], w_packed.shape[1] * 2
     _check(op, x, n_out, k_in, bias, lora_a, lora_b, hybrid_a, hybrid_b, x_adapter)
     base = w4a16_linear_triton(x, w_packed, w_scale, w_zero, group_size, bias).reshape(-1, n_out)
-    xa2 = (x if x_adapter is None else x_adapter).reshape(-1, k_in)
-    lowrank, hybrid = _adapter_epilogue_args(xa2, lora_a, lora_b, hybrid_a, hybrid_b)
+    lowrank, hybrid = _adapter_epilogue_args(x, x_adapter, lora_a, lora_b, hybrid_a, hybrid_b)
     y = gemm_lowrank(
         base.shape[0], n_out, x.dtype, x.device, scaling, base=base, lowrank=lowrank, hybrid=hybrid
     )
@@ -579,15 +599,15 @@ def gralora_backward_triton(
         dh = block_project_regroup(
             dy, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), k, r
         )
-    if has_h and (adapter_dx or need_ha):
+    if has_h and (adapter_dx or need_ha):  # du = dy hybrid_b [T, hr]: hybrid_b indexed [0, o, q]
         du = block_project_regroup(
             dy, hybrid_b, (0, hybrid_b.stride(0), hybrid_b.stride(1)), 1, hybrid_b.shape[1]
-        )
+        )[:, 0, :]
     lowrank = hybrid = None
     if adapter_dx:
         lowrank = (dh, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), i_blk)
         if has_h:
-            hybrid = (du[:, 0, :], hybrid_a, (hybrid_a.stride(0), hybrid_a.stride(1)))
+            hybrid = (du, hybrid_a, (hybrid_a.stride(0), hybrid_a.stride(1)))
     base_gemm = None
     if need_x:
         base_gemm = (dy, weight, (weight.stride(0), weight.stride(1)))
@@ -624,9 +644,7 @@ def gralora_backward_triton(
             lora_a.dtype,
         )
     if need_b:  # dB[j, r, o] = s * sum_t g[t, j, r] dy[t, j*O + o]
-        g = block_project_regroup(
-            xa, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)), k, r
-        )
+        g = _blocks_down(xa, lora_a)  # recomputed: the op returns y only
         o_blk = lora_b.shape[2]
         db = batched_tn(
             g,
@@ -641,34 +659,7 @@ def gralora_backward_triton(
             lora_b.dtype,
         )
     if has_h and need_hb:  # dhybrid_b[o, q] = s * sum_t dy[t, o] u[t, q]
-        hr = hybrid_a.shape[0]
-        u = block_project_regroup(xa, hybrid_a, (0, hybrid_a.stride(1), hybrid_a.stride(0)), 1, hr)[
-            :, 0, :
-        ]
-        dhb = batched_tn(
-            dy,
-            (dy.stride(0), 0, dy.stride(1)),
-            u,
-            (u.stride(0), 0, u.stride(1)),
-            t,
-            1,
-            n_out,
-            hr,
-            scaling,
-            hybrid_b.dtype,
-        )[0]
+        dhb = _tn_2d(dy, _hybrid_down(xa, hybrid_a), scaling, hybrid_b.dtype)
     if has_h and need_ha:  # dhybrid_a[q, i] = s * sum_t du[t, q] xa[t, i]
-        dv = du[:, 0, :]
-        dha = batched_tn(
-            dv,
-            (dv.stride(0), 0, dv.stride(1)),
-            xa,
-            (xa.stride(0), 0, xa.stride(1)),
-            t,
-            1,
-            hybrid_a.shape[0],
-            k_in,
-            scaling,
-            hybrid_a.dtype,
-        )[0]
+        dha = _tn_2d(du, xa, scaling, hybrid_a.dtype)
     return dx, dxa, da, db, dha, dhb
