@@ -46,7 +46,24 @@ __all__ = ["rotate_residual", "find_residual_stream", "StreamPlan"]
 log = logging.getLogger(__name__)
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-_CASTS = {aten._to_copy.default}
+# dtype casts: AOTAutograd writes _to_copy, torch.export keeps aten.to
+_CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
+# torch.export's shape/dtype checks read a value without using it
+_CHECKS = {aten._assert_tensor_metadata.default}
+
+
+def _is_alias_cast(u: fx.Node, h: fx.Node) -> bool:
+    """A cast of h to its own dtype (torch.export keeps `x.to(float32)` on a float32 x): the
+    same values, so it is part of the stream, not a reader of it."""
+    if u.target not in _CASTS or u.args[0] is not h:
+        return False
+    hv, uv = val(h), val(u)
+    return hv is not None and uv is not None and hv.dtype == uv.dtype
+
+
+def _uses(node: fx.Node) -> list[fx.Node]:
+    """The users that consume node's value (not torch.export's metadata assertions)."""
+    return [u for u in node.users if u.target not in _CHECKS]
 DONE_META = "qhl_residual_rotated"  # gm.meta flag: this graph's stream is already rotated
 
 
@@ -94,10 +111,10 @@ def _match_rmsnorm(h: fx.Node, hidden: int) -> tuple[fx.Node, fx.Node | None, fx
     h -> [_to_copy] -> pow/mean/add/rsqrt, mul(h, rsqrt) -> [_to_copy] -> [mul(g, .)]
     """
     src = h
-    users = [u for u in h.users if u.target != aten.add.Tensor]
+    users = [u for u in _uses(h) if u.target != aten.add.Tensor and not _is_alias_cast(u, h)]
     if len(users) == 1 and users[0].target in _CASTS:
         src = users[0]
-        users = list(src.users)
+        users = _uses(src)
     pows = [u for u in users if u.target == aten.pow.Tensor_Scalar]
     muls = [u for u in users if u.target == aten.mul.Tensor]
     if len(pows) != 1 or len(muls) != 1 or len(users) != 2:
@@ -107,11 +124,11 @@ def _match_rmsnorm(h: fx.Node, hidden: int) -> tuple[fx.Node, fx.Node | None, fx
     if not _is_rsqrt_of_mean_square(r, src):
         return f"{normed.name} is not x * rsqrt(mean(x^2) + eps) (not an RMSNorm)"
     out = normed
-    if len(out.users) == 1 and next(iter(out.users)).target in _CASTS:
-        out = next(iter(out.users))
+    if len(_uses(out)) == 1 and _uses(out)[0].target in _CASTS:
+        out = _uses(out)[0]
     gmul, gnode = None, None
-    if len(out.users) == 1:
-        u = next(iter(out.users))
+    if len(_uses(out)) == 1:
+        u = _uses(out)[0]
         other = u.args[0] if u.args[1] is out else u.args[1] if u.target == aten.mul.Tensor else None
         if u.target == aten.mul.Tensor and isinstance(other, fx.Node) and WEIGHT_META in other.meta:
             gv = other.meta[WEIGHT_META].value
@@ -139,7 +156,7 @@ def _linear_readers(final: fx.Node, hidden: int) -> list[fx.Node] | str:
     readers, work = [], [final]
     while work:
         src = work.pop()
-        for c in src.users:
+        for c in _uses(src):
             if c.target in _ROW_PASSTHROUGH and c.args[0] is src and _keeps_rows(c, hidden):
                 work.append(c)
                 continue
@@ -166,9 +183,14 @@ def find_residual_stream(gm: fx.GraphModule) -> StreamPlan | str:
         h = work.pop()
         plan.stream.append(h)
         norm_done = False
-        for u in list(h.users):
+        for u in _uses(h):
             if u.op == "output":
                 return f"the residual stream value {h.name} is a graph output; rotating it would change it"
+            if _is_alias_cast(u, h):
+                if u not in seen:
+                    seen.add(u)
+                    work.append(u)
+                continue
             if u.target == aten.add.Tensor and all(isinstance(a, fx.Node) for a in u.args[:2]):
                 other = u.args[1] if u.args[0] is h else u.args[0]
                 if other in seen:
@@ -177,7 +199,7 @@ def find_residual_stream(gm: fx.GraphModule) -> StreamPlan | str:
                 info = _info(lin) if lin.target == aten.linear.default else None
                 if info is None or info.out_features != hidden:
                     return f"the residual add {u.name} adds {other.name}, which is not a linear layer's output"
-                if len(lin.users) != 1:
+                if len(_uses(lin)) != 1:
                     return f"{info.path}'s output feeds more than the residual add {u.name}"
                 bias = lin.args[2] if len(lin.args) > 2 else None
                 if bias is not None and not (isinstance(bias, fx.Node) and WEIGHT_META in bias.meta):

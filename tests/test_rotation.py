@@ -29,8 +29,10 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(n))
 
     def forward(self, h):
+        dtype = h.dtype
+        h = h.to(torch.float32)  # a no-op cast in float32 that torch.export keeps as aten.to
         variance = h.pow(2).mean(-1, keepdim=True)
-        return self.weight * (h * torch.rsqrt(variance + 1e-6))
+        return self.weight * (h * torch.rsqrt(variance + 1e-6)).to(dtype)
 
 
 class Block(torch.nn.Module):
@@ -282,3 +284,12 @@ def test_hadamard_presets_and_knobs():
         qhl.recipe("hadamard", rotation="sideways")
     with pytest.raises(qhl.RecipeError, match="power of two"):
         qhl.recipe("hadamard", hadamard_block=12)
+
+
+def test_offline_rotation_through_the_export_door():
+    """torch.export keeps no-op casts (aten.to) and metadata asserts on the stream; the analysis
+    sees through them, so inspect / export_onnx rotate offline too, and exactly."""
+    model, ids = TinyLM().eval(), _ids()
+    report = qhl.inspect(model, (ids,), recipe=qhl.recipe("hadamard", rotation="offline", skip=()))
+    assert all(r.rotation and r.rotation.startswith("offline") for r in report.layers)
+    assert report.output_sqnr_db > 100
