@@ -33,10 +33,10 @@ def fold_weight_transforms(gm: fx.GraphModule) -> PassResult:
         if block is not None and block >= 0:
             node.update_arg(0, insert_hadamard(gm, node, node.args[0], block, fp32=True))
         ref, fn = info.weight, info.weight_transform
-        name = "qhl_rot_" + re.sub(r"[^0-9A-Za-z_]", "_", info.path) + "_weight"
-        i = 1
+        base = "qhl_rot_" + re.sub(r"[^0-9A-Za-z_]", "_", info.path) + "_weight"
+        name, i = base, 1
         while hasattr(gm, name):
-            name, i = f"{name}_{i}", i + 1
+            name, i = f"{base}_{i}", i + 1
         w = ref.value.detach()
         gm.register_buffer(name, fn(w.float()).to(w.dtype))
         with gm.graph.inserting_before(node):

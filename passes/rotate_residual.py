@@ -86,7 +86,7 @@ def _info(node: fx.Node) -> MatmulInfo | None:
 
 
 def _strip(node, ops) -> fx.Node:
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in ops and len(node.users) == 1:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in ops and len(_uses(node)) == 1:
         node = node.args[0]
     return node
 
