@@ -4,7 +4,8 @@
       ─▶ pre-scan: every qhl:: op (and other custom op) has an ONNX translation, else
          UnsupportedError naming the node and its module path (nothing written)
       ─▶ torch.onnx.export(dynamo=True, custom_translation_table=qhl.codegen.onnx translations)
-      ─▶ weight layouts folded (Transpose / int4 unpacking of initializers -> initializers)
+      ─▶ weight layouts folded (Transpose / int4 unpacking of initializers -> initializers);
+         4-bit codes kept 4-bit (symmetric int4 without zero points, w4a8/w4a4 codes as uint4)
       ─▶ written (external data past 2 GB) ─▶ onnx.checker + shape inference
 
     result = qhl.export_onnx(model, (ids,), "model.onnx", recipe="w4a16", group_size=64)
@@ -233,6 +234,41 @@ def _drop_symmetric_int4_zero_points(model: Any) -> int:
     return changed
 
 
+def _store_int4_codes(model: Any) -> int:
+    """MatMulInteger weights that are 4-bit codes (an int8 initializer of values 0..15 with the
+    scalar zero point 8: w4a8/w4a4) -> a uint4 initializer + Cast(int8), half the bytes on disk.
+
+    The exporter's folding turns the unpacking into one int8 initializer; this stores the same
+    integers in 4 bits. ONNX Runtime folds the Cast into an int8 constant when it loads the file
+    (constant folding), so no Cast runs per call. Returns how many weights changed."""
+    import ml_dtypes
+    import numpy as np
+    import onnx_ir as ir
+
+    changed = 0
+    for node in list(model.graph):
+        if node.op_type != "MatMulInteger" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 4:
+            continue
+        w, zp = node.inputs[1], node.inputs[3]
+        if w is None or zp is None or w.const_value is None or zp.const_value is None or not w.is_initializer():
+            continue
+        codes, zero = w.const_value.numpy(), zp.const_value.numpy()
+        if codes.dtype != np.int8 or zero.size != 1 or int(zero.reshape(())) != 8 or codes.min() < 0 or codes.max() > 15:
+            continue
+        if len(w.uses()) != 1:  # shared with another reader: leave it as it is
+            continue
+        name = f"{w.name}_uint4"
+        packed = ir.Value(name=name, shape=w.shape, type=ir.TensorType(ir.DataType.UINT4),
+                          const_value=ir.Tensor(codes.astype(ml_dtypes.uint4), name=name))
+        model.graph.register_initializer(packed)
+        cast = ir.Node("", "Cast", [packed], [ir.AttrInt64("to", ir.DataType.INT8)], name=f"{name}_to_int8")
+        model.graph.insert_before(node, cast)
+        node.replace_input_with(1, cast.outputs[0])
+        model.graph.initializers.pop(w.name)
+        changed += 1
+    return changed
+
+
 def _ops_histogram(model: Any) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
@@ -310,6 +346,7 @@ def export_onnx(
     model_ir = program.model
     _fold_weight_layouts(model_ir)
     _drop_symmetric_int4_zero_points(model_ir)
+    _store_int4_codes(model_ir)
     model_ir.producer_name = "qhl"
     model_ir.metadata_props["qhl.recipe"] = report.recipe.to_json(indent=None)
     model_ir.metadata_props["qhl.target"] = target

@@ -111,6 +111,7 @@ def _pack_base(gm: fx.GraphModule, node: fx.Node, info: MatmulInfo, recipe: Reci
     gm.graph.erase_node(node)
     record_packed(gm, PackedWeight(info.path, source, source._version, pack, tuple(names)))
     info.form = info.form + "-w4a16"
+    info.knobs["group_size"] = g  # the rendered w4a16 base kernel is specialised on it
     info.node_name = new.name
     info.weight_bytes_after = sum(t.numel() * t.element_size() for t in packed)
     return None

@@ -135,6 +135,52 @@ def test_kernel_sources_attached_for_rewritten_layers(mlp_report):
     assert report.layers[2].kernel_source is None
 
 
+GRALORA_KERNELS = {"_dot_k_loop", "block_project_regroup_kernel", "gemm_lowrank_kernel"}
+FWHT_KERNELS = {"_fwht_tile", "hadamard_kernel"}
+
+
+def _jit_functions(source: str) -> set[str]:
+    """Names of the @triton.jit functions in a kernel source (which must parse as Python)."""
+    import ast
+
+    return {
+        f.name for f in ast.parse(source).body
+        if isinstance(f, ast.FunctionDef) and any("triton.jit" in ast.unparse(d) for d in f.decorator_list)
+    }
+
+
+@pytest.mark.parametrize(
+    "recipe, adapter, expected",
+    [
+        ("w4a8", None, {"per_token_quant_bits_kernel", "w4ax_gemm_kernel"}),
+        # the fused Hadamard prologue replaces the plain per-token quantize kernel
+        ("hadamard-w4a4", None, FWHT_KERNELS | {"w4ax_gemm_kernel"}),
+        # w8a8 is templated: its rendered kernels, after the separate online FWHT
+        ("hadamard-w8a8", None, FWHT_KERNELS | {"qhl_w8a8_k"}),
+        ("blocklr", None, {"blocklr_kernel"}),
+        ("lr-w4a16", None, {"blocklr_kernel", "qhl_w4a16_k"}),
+        ("gralora", "gralora", GRALORA_KERNELS),
+        ("lora", "lora", GRALORA_KERNELS),
+        ("gralora-w4a16", "gralora", GRALORA_KERNELS | {"qhl_w4a16_k"}),
+    ],
+)
+def test_every_form_shows_the_kernels_it_launches(recipe, adapter, expected):
+    """Forms with fixed (not templated) kernels show the @triton.jit functions they launch."""
+    torch.manual_seed(0)
+    model = MLP().eval()
+    if adapter:
+        model = qhl.prepare(model, adapter, r=4, k=1 if adapter == "lora" else 2, include=["fc1", "fc2"])
+    report = qhl.inspect(model, (torch.randn(2, 8, 64),), recipe=recipe)
+    assert [r.path for r in report.rewritten] == ["fc1", "fc2"]
+    for row in report.rewritten:
+        names = _jit_functions(row.kernel_source)
+        # rendered kernels carry their specialisation in the name (qhl_w8a8_k64_n128_...)
+        found = {n for n in expected if n in names or any(m.startswith(n) for m in names)}
+        assert found == expected, (row.path, sorted(names))
+        assert row.kernel_name and row.kernel_name in row.kernel_source
+        assert f"K={row.in_features}" in row.kernel_source or f"K = {row.in_features}" in row.kernel_source
+
+
 @pytest.mark.parametrize("recipe", ["w8a16", "w4a16"])
 def test_weight_only_recipes(recipe):
     model = MLP(head=True).eval()

@@ -373,17 +373,30 @@ def test_onnx_export_parity_and_codes(form, tmp_path):
         got, want = qort.run(sess, (inp,))[0], gm(inp).detach()
         assert got.shape == tuple(want.shape) and _cos(got, want) >= 0.9999
 
-    # the stored weight: fc1's int8 [K, N] initializer holds codes q + 8 (q the spec's codes)
+    # the stored weight: fc1's uint4 [K, N] initializer holds codes q + 8 (q the spec's codes),
+    # widened by a Cast to int8 that ONNX Runtime folds at load time
     proto = onnx.load(str(res.path))
-    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    inits = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
     mmi = [n for n in proto.graph.node if n.op_type == "MatMulInteger"][0]
-    w_codes = torch.from_numpy(inits[mmi.input[1]].copy())
+    cast = producers[mmi.input[1]]
+    assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.INT8
+    stored = inits[cast.input[0]]
+    assert stored.data_type == onnx.TensorProto.UINT4 and len(stored.raw_data) == 64 * 128 // 2  # 4 bits each
+    w_codes = torch.from_numpy(numpy_helper.to_array(stored).astype("int8"))
     packed, _ = quant.quantize_int4_per_channel(model.fc1.weight.detach())
-    assert w_codes.dtype == torch.int8 and torch.equal(w_codes, quant.unpack_int4(packed).T.to(torch.int8))
+    assert torch.equal(w_codes, quant.unpack_int4(packed).T.to(torch.int8))
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(res.path), so, providers=["CPUExecutionProvider"])
+    loaded = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert sum(n.op_type == "Cast" for n in loaded.graph.node) == 2  # only the int32 accumulators' Casts
     # the activation codes: expose fc1's QuantizeLinear output; it is q + 128 with q the spec's
     quant_out = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"][0].output[0]
     proto.graph.output.append(onnx.helper.make_tensor_value_info(quant_out, onnx.TensorProto.UINT8, None))
-    import onnxruntime as ort
 
     s2 = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     codes = s2.run([quant_out], {s2.get_inputs()[0].name: x.numpy()})[0]

@@ -18,9 +18,10 @@ the spec's clamp to [-qmax, qmax] never binds for s = amax / qmax (|x / s| <= qm
 rounding, which rounds back to qmax), so QuantizeLinear's uint8 saturation is not needed either
 and the codes are the spec's bit for bit (tests/test_w4ax.py checks that through ORT).
 
-Stored weight: int8 codes, 1 byte per weight (the exporter folds every integer Cast of an
-initializer into an initializer; an int4 initializer cast at run time would halve the file but
-cost a Cast over the whole weight per call).
+Stored weight: the exporter folds the unpacking into one int8 [K, N] initializer of codes q + 8,
+then stores it as uint4 (half a byte per weight) widened by a Cast(int8)
+(`qhl.onnx_export._store_int4_codes`). ONNX Runtime folds that Cast into a constant when it loads
+the file, so no Cast runs per call.
 
 hadamard_block >= 0 (rotated recipes): x is rotated by qhl.codegen.onnx.hadamard (the Hadamard
 form's translation) before the quantizer; without it the export raises UnsupportedError.

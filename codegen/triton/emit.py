@@ -325,20 +325,42 @@ def spec_for(node: fx.Node, info: MatmulInfo) -> KernelSpec:
     )
 
 
+def _w4a16_base_spec(node: fx.Node, info: MatmulInfo) -> KernelSpec:
+    """The rendered w4a16 GEMM that adapter / low-rank forms over an int4 base launch first."""
+    return make_spec(
+        "w4a16", K=info.in_features, N=info.out_features, dtype=_node_dtype(node, info),
+        has_bias=bool(info.has_bias), group_size=int(info.knobs.get("group_size", 0)),
+    )
+
+
 def attach_kernel_sources(gm: fx.GraphModule) -> int:
     """Render the Triton kernel of every rewritten matmul; set info.kernel_name/kernel_source.
 
-    Returns how many nodes got a source. Only renders text (no triton import, no files).
-    A node that cannot be rendered (e.g. an unsupported dtype) is logged and left without one.
+    Templated families (FAMILIES) render their specialised text; the other forms show the
+    kernels they launch (codegen/triton/sources.py), and an online-rotated layer also shows the
+    FWHT kernel. Returns how many nodes got a source. Only reads and renders text (no triton
+    import, no files). A node that cannot be rendered (e.g. an unsupported dtype) is logged and
+    left without one.
     """
+    from qhl.codegen.triton import sources
+
     count = 0
     for node in gm.graph.nodes:
         info = node.meta.get(MATMUL_META)
-        if not isinstance(info, MatmulInfo) or info.form not in FAMILIES:
+        if not isinstance(info, MatmulInfo) or not info.form:
             continue
         try:
-            spec = spec_for(node, info)
-            info.kernel_name, info.kernel_source = spec.name, render(spec)
+            if info.form in FAMILIES:
+                spec = spec_for(node, info)
+                name, text = spec.name, render(spec)
+            else:
+                found = sources.fixed_kernel_source(info, lambda: render(_w4a16_base_spec(node, info)))
+                if found is None:
+                    continue
+                name, text = found
+            rotation = sources.rotation_source(info)
+            info.kernel_name = name
+            info.kernel_source = text if rotation is None else rotation + "\n\n" + text
         except Exception as e:  # noqa: BLE001 -- the source is informational; never fail a CPU compile on it
             log.warning("qhl: no Triton kernel source for %s (%s): %s: %s", info.path, info.form, type(e).__name__, e)
             continue
