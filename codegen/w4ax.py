@@ -1,12 +1,13 @@
 """qhl::w4a8_linear and qhl::w4a4_linear — int4 per-channel weights, dynamic per-token activations.
 
-    y[..., N] = (Q_b(x R) @ Wq.T) * s_x * s_w (+ b)     x [..., K] float, Wq [N, K] int4, s_w [N]
+    y[..., N] = (Q_b(x R) @ Wq.T) * s_w * s_x (+ b)     x [..., K] float, Wq [N, K] int4, s_w [N]
 
 QuaRot's quantized matmul: weights symmetric int4, one scale per output channel (codes in
 [-7, 7], stored as q + 8, two per byte along K: quant.quantize_int4_per_channel); activations
 symmetric per token, b = 8 bits (w4a8, codes in [-127, 127]) or b = 4 bits (w4a4, codes in
 [-7, 7]), in int8 storage (quant.quantize_per_token_bits). The int8 x int8 products accumulate
-exactly in int32 (|sum| <= 127 * 8 * K), then y = acc * s_x * s_w (+ b) in float32, returned in
+exactly in int32 (|sum| <= 127 * 8 * K), then y = (acc * s_w) * s_x (+ b) in float32 (w8a8's
+order, whose CPU GEMM formulations this face shares), returned in
 x's dtype.
 
 R is the online rotation, chosen by the static argument hadamard_block:
@@ -16,7 +17,8 @@ R is the online rotation, chosen by the static argument hadamard_block:
        qhl::hadamard_quantize_per_token (codegen/hadamard.py).
 
 Faces:
-  spec    this file (CPU): unpack the int4 weight per call (nothing is cached), torch._int_mm;
+  spec    this file: torch._int_mm on the unpacked codes; on CPU, w8a8's GEMM formulations on
+          codes unpacked once per weight (see CPU_UNPACKED_CACHE below);
   fake    shape [..., N], dtype of x;
   kernel  codegen/triton/w4ax.py (CUDA): per-token quant prologue + int4 unpack + int8 tl.dot +
           dequant epilogue;
@@ -25,14 +27,18 @@ Faces:
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from qhl.codegen import quant
+from qhl.codegen.w8a8 import dequant_epilogue, int8_gemm_cpu
 
-__all__ = ["w4a8_linear", "w4a4_linear", "w4ax_linear_spec", "ACT_BITS", "quantize_activations"]
+__all__ = ["w4a8_linear", "w4a4_linear", "w4ax_linear_spec", "ACT_BITS", "quantize_activations", "unpacked_codes",
+           "CPU_UNPACKED_CACHE"]
 
 # The activation bits of each form.
 ACT_BITS = {"w4a8": 8, "w4a4": 4}
@@ -54,20 +60,49 @@ def quantize_activations(x2: Tensor, hadamard_block: int, bits: int) -> tuple[Te
     return op(x2, hadamard_block, bits)
 
 
+# CPU: there is no int4 x int8 GEMM, and unpacking a 4096 x 4096 weight costs more than the GEMM
+# itself at few tokens (measured: 0.6x eager float32 at 1 token). So the CPU face unpacks each
+# packed weight once, on its first call, and keeps the int8 codes beside it while the packed tensor
+# lives (weakly keyed; re-unpacked if the packed tensor is modified in place). At run time a w4a8
+# layer then holds 1.5 bytes per weight on CPU; the compiled artifact and the ONNX file stay 4-bit.
+# Set CPU_UNPACKED_CACHE = False to unpack on every call instead (0.5 bytes, slower).
+CPU_UNPACKED_CACHE = True
+_unpacked = WeakIdKeyDictionary()  # packed tensor (by identity) -> (its _version, int8 codes)
+_unpacked_lock = threading.Lock()
+
+
+def unpacked_codes(w_packed: Tensor) -> Tensor:
+    """int8 [N, K] codes of a packed weight, cached per packed tensor when CPU_UNPACKED_CACHE."""
+    if not CPU_UNPACKED_CACHE:
+        return quant.unpack_int4_signed(w_packed)
+    hit = _unpacked.get(w_packed)
+    if hit is not None and hit[0] == w_packed._version:
+        return hit[1]
+    with torch.inference_mode(False):  # usable in and out of inference mode
+        codes = quant.unpack_int4_signed(w_packed).contiguous()
+    with _unpacked_lock:
+        _unpacked[w_packed] = (w_packed._version, codes)
+    return codes
+
+
 def w4ax_linear_spec(
     x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], hadamard_block: int, bits: int
 ) -> Tensor:
-    """The definition (any device, plain ops): see the module docstring."""
+    """The definition (any device, plain ops): see the module docstring. On plain CPU tensors
+    it runs w8a8's GEMM formulations (codegen/w8a8.py) on the cached int8 codes."""
     n, half_k = w_packed.shape
     k = 2 * half_k
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], n))
     xq, xs = quantize_activations(x2, hadamard_block, bits)
-    wq = quant.unpack_int4_signed(w_packed)  # int8 [N, K], per call: no global cache
+    if quant._cpu_fast_path_ok(x, w_packed, w_scale, bias):
+        ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
+        return dequant_epilogue(int8_gemm_cpu(xq, unpacked_codes(w_packed), ws), xs, bias, x, n)
+    wq = quant.unpack_int4_signed(w_packed)  # int8 [N, K], per call
     # [N, K] contiguous: the transposed view is the layout _int_mm is fast on (as in w8a8).
     acc = torch._int_mm(xq, wq.t())
-    y = acc.to(torch.float32).mul_(xs).mul_(w_scale.float())
+    y = acc.to(torch.float32).mul_(w_scale.float()).mul_(xs)
     if bias is not None:
         y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from qhl.codegen import quant
 
-__all__ = ["w8a8_linear", "w8a8_linear_spec"]
+__all__ = ["w8a8_linear", "w8a8_linear_spec", "int8_gemm_cpu", "dequant_epilogue"]
 
 
 # CPU: which GEMM formulation, by the number of tokens M (measured in benchmarks/cpu_spec_notes.md).
@@ -33,6 +33,49 @@ _ROWWISE_MAX_M = 4
 _TRANSPOSED_MAX_M = 256
 
 
+def int8_gemm_cpu(codes: Tensor, w_int8: Tensor, ws: Tensor) -> Tensor:
+    """(codes @ w_int8.T) * ws as a fresh float32 [M, N], the int32 sums exact, on the CPU
+    formulation chosen by M (above). `codes` [M, K] holds integers in [-127, 127], as int8 or as
+    float32 (the rounded, clamped quotients, converted here straight into the layout the GEMM
+    reads); w_int8 [N, K] contiguous int8; ws float32 [N]. Scratch buffers are reused per thread."""
+    m, k = codes.shape
+    n = w_int8.shape[0]
+    if m <= _ROWWISE_MAX_M:
+        xq = codes if codes.dtype == torch.int8 else codes.to(torch.int8)
+        if m == 1:
+            acc = torch._int_mm(xq, w_int8.t())
+        else:
+            acc = torch.empty(m, n, dtype=torch.int32)
+            for i in range(m):
+                torch._int_mm(xq[i : i + 1], w_int8.t(), out=acc[i : i + 1])
+        return torch.mul(acc, ws)
+    if m <= _TRANSPOSED_MAX_M:
+        xq = codes if codes.dtype == torch.int8 else quant._scratch("w8a8.q", (m, k), torch.int8).copy_(codes)
+        acc_t = quant._scratch("w8a8.acc", (n, m), torch.int32)
+        torch._int_mm(w_int8, xq.t(), out=acc_t)
+        y_t = quant._scratch("w8a8.yt", (n, m), torch.float32).copy_(acc_t)
+        y_t.mul_(ws[:, None])
+        return torch.empty(m, n).copy_(y_t.t())
+    xu = quant._scratch("w8a8.u", (m + 1, k), torch.uint8)
+    xu[:m].view(torch.int8).copy_(codes)
+    xu[:m].bitwise_xor_(0x80)  # q + 128 in [1, 255]
+    xu[m].fill_(128)
+    acc = quant._scratch("w8a8.acc", (m + 1, n), torch.int32)
+    torch._int_mm(xu, w_int8.t(), out=acc)
+    acc[:m].sub_(acc[m])  # exact: sum (q + 128) w - sum 128 w
+    y = acc[:m].to(torch.float32)
+    return y.mul_(ws)
+
+
+def dequant_epilogue(y: Tensor, xs: Tensor, bias: Optional[Tensor], x: Tensor, n: int) -> Tensor:
+    """y = acc * s_w (fresh float32 [M, N]) -> y * s_x (+ b), in x's dtype and leading shape."""
+    if bias is not None:
+        y = torch.addcmul(bias.float(), y, xs, out=y)
+    else:
+        y.mul_(xs)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
 def w8a8_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     n, k = w_int8.shape
     if not (quant._cpu_fast_path_ok(x, w_int8, w_scale, bias) and w_int8.is_contiguous()):
@@ -43,44 +86,15 @@ def w8a8_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[
         return x.new_empty((*x.shape[:-1], n))
     ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
     if m <= _ROWWISE_MAX_M:
-        xq, xs = quant.quantize_per_token(x2)
-        if m == 1:
-            acc = torch._int_mm(xq, w_int8.t())
-        else:
-            acc = torch.empty(m, n, dtype=torch.int32)
-            for i in range(m):
-                torch._int_mm(xq[i : i + 1], w_int8.t(), out=acc[i : i + 1])
-        y = torch.mul(acc, ws)
+        codes, xs = quant.quantize_per_token(x2)
     else:
         # Prologue: quant.quantize_per_token bit for bit (same scale, x / scale, round, clamp),
-        # through reused buffers.
+        # through a reused buffer; the GEMM converts the float codes into its own layout.
         xf = x2.float()
         xs = quant._per_token_scale(xf)
-        v = torch.div(xf, xs, out=quant._scratch("w8a8.v", (m, k), torch.float32))
-        v.round_().clamp_(-quant.INT8_QMAX, quant.INT8_QMAX)
-        if m <= _TRANSPOSED_MAX_M:
-            xq = quant._scratch("w8a8.q", (m, k), torch.int8).copy_(v)
-            acc_t = quant._scratch("w8a8.acc", (n, m), torch.int32)
-            torch._int_mm(w_int8, xq.t(), out=acc_t)
-            y_t = quant._scratch("w8a8.yt", (n, m), torch.float32).copy_(acc_t)
-            y_t.mul_(ws[:, None])
-            y = torch.empty(m, n).copy_(y_t.t())
-        else:
-            xu = quant._scratch("w8a8.u", (m + 1, k), torch.uint8)
-            xu[:m].view(torch.int8).copy_(v)
-            xu[:m].bitwise_xor_(0x80)  # q + 128 in [1, 255]
-            xu[m].fill_(128)
-            acc = quant._scratch("w8a8.acc", (m + 1, n), torch.int32)
-            torch._int_mm(xu, w_int8.t(), out=acc)
-            acc[:m].sub_(acc[m])  # exact: sum (q + 128) w - sum 128 w
-            y = acc[:m].to(torch.float32)
-            y.mul_(ws)
-    # Epilogue: y = acc * s_w * s_x (+ b), in place on the fresh output.
-    if bias is not None:
-        y = torch.addcmul(bias.float(), y, xs, out=y)
-    else:
-        y.mul_(xs)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        codes = torch.div(xf, xs, out=quant._scratch("w8a8.v", (m, k), torch.float32))
+        codes.round_().clamp_(-quant.INT8_QMAX, quant.INT8_QMAX)
+    return dequant_epilogue(int8_gemm_cpu(codes, w_int8, ws), xs, bias, x, n)
 
 
 def _w8a8_linear_generic(

@@ -3,7 +3,7 @@
     xq, s_x = Q_b(x R)                       x [M, K] float -> int8 codes [M, K], float32 [M, 1]
     Wq      = unpack(w_packed) - 8           uint8 [N, K/2], two codes per byte -> int8 [-8, 7]
     acc     = xq @ Wq.T                      int8 x int8 -> int32, exact
-    y       = acc * s_x * s_w (+ b)          float32 epilogue, stored in x's dtype
+    y       = (acc * s_w) * s_x (+ b)        float32 epilogue, stored in x's dtype
 
 Q_b is the symmetric per-token quantizer with qmax = 2^(b-1) - 1 (127 for w4a8, 7 for w4a4),
 the first kernel below, bit-exact with qhl.codegen.quant.quantize_per_token_bits (the same
@@ -123,10 +123,10 @@ def w4ax_gemm_kernel(
         x_even_ptrs += 2 * BLOCK_KH * stride_xk
         w_ptrs += BLOCK_KH * stride_wk
 
-    # --- epilogue: dequantize in the spec's order, (acc * s_x) * s_w (+ b), in float32 ---
+    # --- epilogue: dequantize in the spec's order, (acc * s_w) * s_x (+ b), in float32 ---
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
     ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
-    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    y = acc.to(tl.float32) * ws[None, :] * xs[:, None]
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0)
         y += bias.to(tl.float32)[None, :]
@@ -171,7 +171,7 @@ def _check(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor])
 def w4ax_linear_triton(
     x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], hadamard_block: int, bits: int
 ) -> Tensor:
-    """y [..., N] = (Q_b(x R) @ Wq.T) * s_x * s_w (+ b), in x's dtype; see the module docstring."""
+    """y [..., N] = (Q_b(x R) @ Wq.T) * s_w * s_x (+ b), in x's dtype; see the module docstring."""
     N, K = _check(x, w_packed, w_scale, bias)
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
