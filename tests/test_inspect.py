@@ -152,7 +152,7 @@ def _jit_functions(source: str) -> set[str]:
 @pytest.mark.parametrize(
     "recipe, adapter, expected",
     [
-        ("w4a8", None, {"per_token_quant_bits_kernel", "w4ax_gemm_kernel"}),
+        ("w4a8", None, {"qhl_per_token_quant_k", "w4ax_gemm_kernel"}),  # rendered prologue, fixed GEMM
         # the fused Hadamard prologue replaces the plain per-token quantize kernel
         ("hadamard-w4a4", None, FWHT_KERNELS | {"w4ax_gemm_kernel"}),
         # w8a8 is templated: its rendered kernels, after the separate online FWHT

@@ -210,6 +210,18 @@ def test_specs_specialise_the_text():
     assert "x.to(tl.float32)" in bf16 and 'input_precision="ieee"' in bf16  # interpreter bf16 dot
 
 
+def test_per_token_quant_qmax_is_specialised_and_only_for_that_family():
+    """The w4a4 prologue is the same template with qmax 7 (4-bit codes), named for it."""
+    spec = emit.make_spec("per_token_quant", 96, dtype=torch.float16, qmax=7)
+    assert spec.name == "qhl_per_token_quant_k96_q7_fp16"
+    assert "QMAX: tl.constexpr = 7.0" in emit.render(spec)
+    assert "QMAX: tl.constexpr = 127.0" in emit.render(emit.make_spec("per_token_quant", 96))
+    with pytest.raises(KernelError, match="only per_token_quant takes a qmax"):
+        emit.make_spec("w8a8", 96, 32, qmax=7)
+    with pytest.raises(KernelError, match=r"qmax=0"):
+        emit.make_spec("per_token_quant", 96, qmax=0)
+
+
 # --- codegen through torch.compile: one rendered kernel per rewritten node ---
 
 

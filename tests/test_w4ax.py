@@ -339,7 +339,8 @@ def test_triton_matches_spec(form, x_shape, n, dtype, with_bias):
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
-    from qhl.codegen.triton.w4ax import per_token_quant_bits, w4ax_linear_triton
+    from qhl.codegen.triton.per_token_quant import per_token_quant_bits
+    from qhl.codegen.triton.w4ax import w4ax_linear_triton
     from qhl.codegen.w4ax import w4ax_linear_spec
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,11 +4,14 @@
 
 Each kernel family owns a template (a string holding the kernel body) in its own file:
 
-    per_token_quant   codegen/triton/per_token_quant.py   x [T, K] -> (q int8, scale)
+    per_token_quant   codegen/triton/per_token_quant.py   x [T, K] -> (q int8, scale), qmax 127 or 7
     w8a8              codegen/triton/w8a8.py              per-token quant + int8 GEMM + dequant
     w8a16, w4a16      codegen/triton/weight_only.py       dequantizing GEMM, fp32 accumulation
 
-Rendering bakes K, N, GROUP_SIZE, BLOCK_N and BLOCK_K in as constexprs and picks the epilogue
+The forms whose kernels are written once (w4a8/w4a4 GEMM, GraLoRA, block low-rank, FWHT) show
+those kernels' text in `qhl.inspect` through codegen/triton/sources.py.
+
+Rendering bakes K, N, GROUP_SIZE, QMAX, BLOCK_N and BLOCK_K in as constexprs and picks the epilogue
 (bias or not) and the output dtype in code, so the text is exactly what runs. BLOCK_M stays a
 launch-time constexpr: the token count M is only known when the kernel is called.
 
@@ -108,6 +111,7 @@ class KernelSpec:
     block_n: int = 0  # 0 for per_token_quant (one program per row, no N)
     block_k: int = 0
     interpret: bool = False  # render the interpreter workarounds (bf16 dot operands as fp32)
+    qmax: int = 127  # per_token_quant only: codes in [-qmax, qmax] (127: 8-bit, 7: 4-bit codes)
 
     @property
     def name(self) -> str:
@@ -117,6 +121,8 @@ class KernelSpec:
             parts.append(f"n{self.N}")
         if self.group_size:
             parts.append(f"g{self.group_size}")
+        if self.qmax != 127:
+            parts.append(f"q{self.qmax}")
         if self.family != "per_token_quant":
             parts.append("bias" if self.has_bias else "nobias")
         parts.append({"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.dtype])
@@ -196,6 +202,7 @@ def make_spec(
     group_size: int = 0,
     block_n: int | None = None,
     block_k: int | None = None,
+    qmax: int = 127,
 ) -> KernelSpec:
     """A validated KernelSpec with default block sizes for what is not given."""
     if family not in FAMILIES:
@@ -211,6 +218,9 @@ def make_spec(
             )
     else:
         group_size = 0
+    qmax = int(qmax)
+    if qmax != 127 and (family != "per_token_quant" or not 1 <= qmax < 127):
+        raise KernelError(f"{family}: qmax={qmax}; only per_token_quant takes a qmax other than 127, in [1, 127)")
     if family == "per_token_quant":
         block_n = 0
         block_k = block_k or min(_next_pow2(K), MAX_QUANT_BLOCK_K)
@@ -223,7 +233,7 @@ def make_spec(
                 block_k = min(block_k, group_size & -group_size)
     check_blocks(family, name, None, block_n, block_k, group_size)
     has_bias = bool(has_bias) and family != "per_token_quant"
-    return KernelSpec(family, K, N, name, has_bias, group_size, block_n, block_k, interpret_mode())
+    return KernelSpec(family, K, N, name, has_bias, group_size, block_n, block_k, interpret_mode(), qmax)
 
 
 def _family_module(family: str) -> ModuleType:
@@ -325,12 +335,16 @@ def spec_for(node: fx.Node, info: MatmulInfo) -> KernelSpec:
     )
 
 
-def _w4a16_base_spec(node: fx.Node, info: MatmulInfo) -> KernelSpec:
-    """The rendered w4a16 GEMM that adapter / low-rank forms over an int4 base launch first."""
-    return make_spec(
-        "w4a16", K=info.in_features, N=info.out_features, dtype=_node_dtype(node, info),
-        has_bias=bool(info.has_bias), group_size=int(info.knobs.get("group_size", 0)),
-    )
+def _render_for(node: fx.Node, info: MatmulInfo):
+    """render(family, **fields): a templated kernel specialised on this node's K, N and dtype, for
+    the forms that launch one beside their fixed kernels (codegen/triton/sources.py)."""
+
+    def render_family(family: str, **fields: Any) -> str:
+        n = 0 if family == "per_token_quant" else info.out_features
+        has_bias = bool(info.has_bias) and family != "per_token_quant"
+        return render(make_spec(family, K=info.in_features, N=n, dtype=_node_dtype(node, info), has_bias=has_bias, **fields))
+
+    return render_family
 
 
 def attach_kernel_sources(gm: fx.GraphModule) -> int:
@@ -354,7 +368,7 @@ def attach_kernel_sources(gm: fx.GraphModule) -> int:
                 spec = spec_for(node, info)
                 name, text = spec.name, render(spec)
             else:
-                found = sources.fixed_kernel_source(info, lambda: render(_w4a16_base_spec(node, info)))
+                found = sources.fixed_kernel_source(info, _render_for(node, info))
                 if found is None:
                     continue
                 name, text = found

@@ -1,8 +1,11 @@
 """Per-token int8 quantization as a Triton kernel (the kernel face of qhl::quantize_per_token).
 
     x [..., K] float  ->  q int8 [..., K],  scale float32 [..., 1]
-    scale = amax(|x_row|) / 127   (1 when the row is all zeros)
-    q     = clamp(round_half_even(x / scale), -127, 127)
+    scale = amax(|x_row|) / QMAX   (1 when the row is all zeros)
+    q     = clamp(round_half_even(x / scale), -QMAX, QMAX)
+
+QMAX is 127 (qhl::quantize_per_token, the w8a8 and w4a8 prologues) or 7 (4-bit codes, w4a4),
+baked in by codegen (KernelSpec.qmax).
 
 Bit-exact with qhl.codegen.quant.quantize_per_token: the same float32 operations in the same
 order. Two details make that true on a GPU too: the divisions use `tl.math.div_rn` (a plain
@@ -22,7 +25,7 @@ from torch import Tensor
 from qhl.codegen.triton import emit
 from qhl.errors import KernelError
 
-__all__ = ["per_token_quant", "render", "render_kernel", "launch"]
+__all__ = ["per_token_quant", "per_token_quant_bits", "render", "render_kernel", "launch"]
 
 TEMPLATE = '''
 
@@ -37,7 +40,7 @@ def {name}(
     # --- specialisation (baked in by qhl codegen) ---
     K: tl.constexpr = {K}
     BLOCK_K: tl.constexpr = {block_k}
-    QMAX: tl.constexpr = 127.0
+    QMAX: tl.constexpr = {qmax}.0
     # Adding 1.5 * 2**23 leaves no fraction bits in a float32, so the add itself rounds half to
     # even; subtracting it back is exact. Valid for |v| < 2**22, and here |v| <= 127.
     RNE_MAGIC: tl.constexpr = 12582912.0
@@ -54,7 +57,7 @@ def {name}(
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
     row_amax = tl.max(amax, axis=0)
 
-    # --- the scale, as the spec computes it: IEEE amax / 127, and 1 for an all-zero row ---
+    # --- the scale, as the spec computes it: IEEE amax / QMAX, and 1 for an all-zero row ---
     scale = tl.math.div_rn(row_amax, tl.full((), QMAX, tl.float32))
     scale = tl.where(scale > 0, scale, 1.0)
     tl.store(s_ptr + row, scale)
@@ -72,7 +75,7 @@ def {name}(
 
 def render_kernel(spec: emit.KernelSpec, name: str) -> str:
     """The kernel text alone (the W8A8 module embeds it under its own name)."""
-    return TEMPLATE.format(name=name, K=spec.K, block_k=spec.block_k)
+    return TEMPLATE.format(name=name, K=spec.K, block_k=spec.block_k, qmax=spec.qmax)
 
 
 def render(spec: emit.KernelSpec) -> str:
@@ -88,6 +91,15 @@ def launch(kernel, x2: Tensor) -> tuple[Tensor, Tensor]:
         # One program per row: a row is read twice, both times from L2 for K up to a few 1000s.
         kernel[(M,)](x2, q, scale, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1))
     return q, scale
+
+
+def per_token_quant_bits(x2: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """x2 [M, K] float -> (q int8 [M, K], scale float32 [M, 1]) with qmax = 2^(bits-1) - 1: the
+    w4a8 / w4a4 prologue, bit-exact with qhl.codegen.quant.quantize_per_token_bits."""
+    if not 2 <= bits <= 8:
+        raise KernelError(f"per_token_quant_bits: bits={bits}, need 2 <= bits <= 8")
+    spec = emit.make_spec("per_token_quant", x2.shape[1], dtype=x2.dtype, qmax=(1 << (bits - 1)) - 1)
+    return launch(getattr(emit.load(spec), spec.name), x2)
 
 
 def per_token_quant(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
-from typing import Any
+from collections.abc import Callable
 
 from qhl.errors import KernelError
 from qhl.graph import MatmulInfo
@@ -34,14 +34,17 @@ _HADAMARD = "qhl.codegen.triton.hadamard"
 
 # form -> (module, kernel functions in launch order; helpers they call come first)
 FIXED_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "w4a8": (_W4AX, ("per_token_quant_bits_kernel", "w4ax_gemm_kernel")),
-    "w4a4": (_W4AX, ("per_token_quant_bits_kernel", "w4ax_gemm_kernel")),
+    "w4a8": (_W4AX, ("w4ax_gemm_kernel",)),
+    "w4a4": (_W4AX, ("w4ax_gemm_kernel",)),
     "gralora": (_GRALORA, ("_dot_k_loop", "block_project_regroup_kernel", "gemm_lowrank_kernel")),
     "lora": (_GRALORA, ("_dot_k_loop", "block_project_regroup_kernel", "gemm_lowrank_kernel")),
     "blocklr": (_LOWRANK, ("blocklr_kernel",)),
 }
 # Forms whose base GEMM is the rendered w4a16 kernel, followed by the kernels of another form.
 W4A16_BASE = {"gralora-w4a16": "gralora", "lora-w4a16": "lora", "lr-w4a16": "blocklr"}
+# Forms whose prologue is the rendered per-token quantize kernel (qmax by activation bits),
+# unless a fused Hadamard prologue replaces it.
+PER_TOKEN_PROLOGUE = {"w4a8": 127, "w4a4": 7}
 HADAMARD_KERNELS = (_HADAMARD, ("_fwht_tile", "hadamard_kernel"))
 
 
@@ -92,10 +95,11 @@ def _launch_args(info: MatmulInfo) -> str:
     return ", ".join(f"{k}={v}" for k, v in fields.items())
 
 
-def fixed_kernel_source(info: MatmulInfo, w4a16_source: Any = None) -> tuple[str, str] | None:
+def fixed_kernel_source(info: MatmulInfo, render: Callable[..., str]) -> tuple[str, str] | None:
     """(kernel name, source) for a layer of a fixed-kernel form, or None for another form.
 
-    `w4a16_source()` renders the node's w4a16 base kernel, for the forms that launch one first.
+    `render(family, **spec_fields)` renders a templated kernel for this node (the w4a16 base of
+    the forms that launch one first, the per-token prologue of w4a8/w4a4).
     """
     form = info.form
     base = W4A16_BASE.get(form or "")
@@ -103,16 +107,15 @@ def fixed_kernel_source(info: MatmulInfo, w4a16_source: Any = None) -> tuple[str
     if kernels is None:
         return None
     module, names = kernels
-    sections = []
-    if form in ("w4a8", "w4a4") and int(info.knobs.get("hadamard_block", -1)) >= 0:
-        # the fused prologue qhl::hadamard_quantize_per_token runs the Hadamard kernel instead
-        names = names[1:]
-        sections.append(jit_source(*HADAMARD_KERNELS))
-    sections.append(jit_source(module, names))
+    sections = [jit_source(module, names)]
+    if form in PER_TOKEN_PROLOGUE:
+        if int(info.knobs.get("hadamard_block", -1)) >= 0:
+            # the fused prologue qhl::hadamard_quantize_per_token runs the Hadamard kernel
+            sections.insert(0, jit_source(*HADAMARD_KERNELS))
+        else:
+            sections.insert(0, render("per_token_quant", qmax=PER_TOKEN_PROLOGUE[form]))
     if base is not None:
-        if w4a16_source is None:
-            raise KernelError(f"{info.path}: {form} needs its rendered w4a16 base kernel")
-        sections.insert(0, w4a16_source())
+        sections.insert(0, render("w4a16", group_size=int(info.knobs.get("group_size", 0))))
     name = names[-1]
     header = (
         f'"""Triton kernels of layer {info.path} ({form}): written once in {module}, shared by every\n'

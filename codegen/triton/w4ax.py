@@ -5,10 +5,9 @@
     acc     = xq @ Wq.T                      int8 x int8 -> int32, exact
     y       = (acc * s_w) * s_x (+ b)        float32 epilogue, stored in x's dtype
 
-Q_b is the symmetric per-token quantizer with qmax = 2^(b-1) - 1 (127 for w4a8, 7 for w4a4),
-the first kernel below, bit-exact with qhl.codegen.quant.quantize_per_token_bits (the same
-float32 operations in the same order: `tl.math.div_rn` divisions, and round-half-even by adding
-and subtracting 1.5 * 2**23, as in codegen/triton/per_token_quant.py). When hadamard_block >= 0
+Q_b is the symmetric per-token quantizer with qmax = 2^(b-1) - 1 (127 for w4a8, 7 for w4a4): the
+per-token kernel rendered by codegen/triton/per_token_quant.py with that qmax, bit-exact with
+qhl.codegen.quant.quantize_per_token_bits. When hadamard_block >= 0
 the prologue is qhl::hadamard_quantize_per_token instead (R = the Hadamard rotation), whose own
 CUDA kernel runs; the GEMM is the same.
 
@@ -20,7 +19,8 @@ BLOCK_KH (>= 32, the NVIDIA backend's minimum for int8 dots). The int32 sums are
 (|acc| <= 127 * 8 * K), so the kernel equals the spec's torch._int_mm up to the float32
 epilogue, where a GPU may fuse the bias add into an FMA (one rounding less).
 
-Not templated per node (unlike w8a8): K and N are runtime arguments, the rest constexprs.
+The GEMM is not templated per node (unlike w8a8): K and N are runtime arguments, the rest
+constexprs.
 """
 from __future__ import annotations
 
@@ -32,50 +32,12 @@ import triton.language as tl
 from torch import Tensor
 
 from qhl.codegen.triton import emit
+from qhl.codegen.triton.per_token_quant import per_token_quant_bits
 from qhl.errors import KernelError
 
-__all__ = ["w4ax_linear_triton", "per_token_quant_bits", "BLOCK_KH"]
+__all__ = ["w4ax_linear_triton", "BLOCK_KH"]
 
 BLOCK_KH = 32  # packed bytes per k-step: 64 values of K, two int8 dots of K-extent 32
-MAX_QUANT_BLOCK_K = 1024
-
-
-@triton.jit
-def per_token_quant_bits_kernel(
-    x_ptr,  # *x [M, K] float32 / float16 / bfloat16
-    q_ptr,  # *q [M, K] int8 (out), codes in [-QMAX, QMAX]
-    s_ptr,  # *scale [M] float32 (out), one per row
-    K,
-    stride_xm, stride_xk,
-    stride_qm, stride_qk,
-    QMAX: tl.constexpr,  # 127.0 (8-bit codes) or 7.0 (4-bit codes)
-    BLOCK_K: tl.constexpr,
-):
-    # 1.5 * 2**23: adding it leaves no fraction bits, so the FPU rounds half to even; exact back.
-    RNE_MAGIC: tl.constexpr = 12582912.0
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
-    offs_k = tl.arange(0, BLOCK_K)
-
-    # --- pass 1: amax of the row (exact in any order) ---
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=offs_k < K - k0, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    row_amax = tl.max(amax, axis=0)
-    scale = tl.math.div_rn(row_amax, tl.full((), QMAX, tl.float32))
-    scale = tl.where(scale > 0, scale, 1.0)  # an all-zero row: scale 1, codes 0
-    tl.store(s_ptr + row, scale)
-
-    # --- pass 2: q = clamp(round_half_even(x / scale), -QMAX, QMAX) ---
-    for k0 in range(0, K, BLOCK_K):
-        mask = offs_k < K - k0
-        x = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=mask, other=0.0)
-        v = tl.math.div_rn(x.to(tl.float32), scale)
-        v = (v + RNE_MAGIC) - RNE_MAGIC
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        tl.store(q_row + (k0 + offs_k) * stride_qk, v.to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -138,22 +100,6 @@ def w4ax_gemm_kernel(
     else:
         y_out = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptrs, y_out, mask=mask_m[:, None] & mask_n[None, :])
-
-
-def per_token_quant_bits(x2: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """x2 [M, K] float -> (q int8 [M, K], scale float32 [M, 1]), qmax = 2^(bits-1) - 1."""
-    if not 2 <= bits <= 8:
-        raise KernelError(f"per_token_quant_bits: bits={bits}, need 2 <= bits <= 8")
-    M, K = x2.shape
-    q = torch.empty((M, K), dtype=torch.int8, device=x2.device)
-    scale = torch.empty((M, 1), dtype=torch.float32, device=x2.device)
-    if M > 0:
-        block_k = min(triton.next_power_of_2(K), MAX_QUANT_BLOCK_K)
-        per_token_quant_bits_kernel[(M,)](
-            x2, q, scale, K, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
-            QMAX=float((1 << (bits - 1)) - 1), BLOCK_K=block_k,
-        )
-    return q, scale
 
 
 def _check(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> tuple[int, int]:
