@@ -36,6 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from qhl.codegen import quant
 from qhl.codegen.w8a8 import dequant_epilogue, int8_gemm_cpu
+from qhl.runtime.packed import on_repack
 
 __all__ = ["w4a8_linear", "w4a4_linear", "w4ax_linear_spec", "ACT_BITS", "quantize_activations", "unpacked_codes",
            "CPU_UNPACKED_CACHE"]
@@ -61,27 +62,40 @@ def quantize_activations(x2: Tensor, hadamard_block: int, bits: int) -> tuple[Te
 
 
 # CPU: there is no int4 x int8 GEMM, and unpacking a 4096 x 4096 weight costs more than the GEMM
-# itself at few tokens (measured: 0.6x eager float32 at 1 token). So the CPU face unpacks each
+# itself at few tokens (measured: 0.56x eager float32 at 1 token). So the CPU face unpacks each
 # packed weight once, on its first call, and keeps the int8 codes beside it while the packed tensor
-# lives (weakly keyed; re-unpacked if the packed tensor is modified in place). At run time a w4a8
-# layer then holds 1.5 bytes per weight on CPU; the compiled artifact and the ONNX file stay 4-bit.
-# Set CPU_UNPACKED_CACHE = False to unpack on every call instead (0.5 bytes, slower).
+# lives (weakly keyed by identity). The codes are dropped when the packed tensor changes: its
+# version counter moves (any in-place write to a normal tensor), or qhl re-packs it (runtime/
+# packed.py's refresh, which also covers inference tensors, which have no version counter). At run
+# time a w4a8 layer then holds 1.5 bytes per weight on CPU; the compiled artifact and the ONNX
+# file stay 4-bit. Set CPU_UNPACKED_CACHE = False to unpack on every call (0.5 bytes, slower).
 CPU_UNPACKED_CACHE = True
-_unpacked = WeakIdKeyDictionary()  # packed tensor (by identity) -> (its _version, int8 codes)
+_unpacked = WeakIdKeyDictionary()  # packed tensor (by identity) -> (its version, int8 codes)
 _unpacked_lock = threading.Lock()
+
+
+def _version(t: Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
+@on_repack
+def _forget(buffer: Tensor) -> None:
+    with _unpacked_lock:
+        _unpacked.pop(buffer, None)
 
 
 def unpacked_codes(w_packed: Tensor) -> Tensor:
     """int8 [N, K] codes of a packed weight, cached per packed tensor when CPU_UNPACKED_CACHE."""
     if not CPU_UNPACKED_CACHE:
         return quant.unpack_int4_signed(w_packed)
+    version = _version(w_packed)
     hit = _unpacked.get(w_packed)
-    if hit is not None and hit[0] == w_packed._version:
+    if hit is not None and hit[0] == version:
         return hit[1]
     with torch.inference_mode(False):  # usable in and out of inference mode
         codes = quant.unpack_int4_signed(w_packed).contiguous()
     with _unpacked_lock:
-        _unpacked[w_packed] = (w_packed._version, codes)
+        _unpacked[w_packed] = (version, codes)
     return codes
 
 

@@ -38,8 +38,13 @@ def session(
     optimization: str = "all",
     threads: int | None = None,
     providers: list[str] | None = None,
+    spinning: bool | None = None,
 ) -> Any:
-    """An onnxruntime.InferenceSession with qhl's settings (see the module docstring)."""
+    """An onnxruntime.InferenceSession with qhl's settings (see the module docstring).
+
+    `spinning=False` stops ORT's intra-op threads from busy-waiting between nodes
+    (`session.intra_op.allow_spinning = 0`); None keeps ORT's default (on). On a small machine
+    shared with other work, off was faster for every model measured (docs/onnx.md)."""
     import onnxruntime as ort
 
     levels = {
@@ -57,6 +62,8 @@ def session(
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
     if threads is not None:
         so.intra_op_num_threads = int(threads)
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3  # errors only: ORT warns about every unused initializer it removes
     src = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])

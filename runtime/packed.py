@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["PACKED_META", "PackedWeight", "record_packed", "refresh", "GuardedGraph"]
+__all__ = ["PACKED_META", "PackedWeight", "record_packed", "refresh", "GuardedGraph", "on_repack"]
 
 log = logging.getLogger(__name__)
 PACKED_META = "qhl_packed"  # gm.meta key: list[PackedWeight]
@@ -31,6 +31,18 @@ class PackedWeight:
     buffers: tuple[str, ...]
 
 
+# Called with each buffer `refresh` rewrites in place, so that caches derived from a packed buffer
+# (the CPU face's unpacked int4 codes, codegen/w4ax.py) drop it: an inference tensor has no
+# version counter to tell them.
+_REPACK_HOOKS: list[Callable[[torch.Tensor], None]] = []
+
+
+def on_repack(hook: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
+    """Register `hook(buffer)`, called after `refresh` rewrites that buffer in place."""
+    _REPACK_HOOKS.append(hook)
+    return hook
+
+
 def record_packed(gm: fx.GraphModule, packed: PackedWeight) -> None:
     gm.meta.setdefault(PACKED_META, []).append(packed)
 
@@ -41,7 +53,10 @@ def refresh(gm: torch.nn.Module, records: list[PackedWeight]) -> int:
     stale = [p for p in records if p.source._version != p.version]
     for p in stale:
         for name, tensor in zip(p.buffers, p.pack(p.source.detach().float())):
-            getattr(gm, name).copy_(tensor)
+            buffer = getattr(gm, name)
+            buffer.copy_(tensor)
+            for hook in _REPACK_HOOKS:
+                hook(buffer)
         p.version = p.source._version
     if stale:
         log.debug("re-packed %d weight(s) that changed in place: %s", len(stale), [p.path for p in stale][:5])

@@ -527,3 +527,17 @@ def _smollm2():
     from qhl.models import load_smollm2
 
     return load_smollm2()
+
+
+@pytest.mark.parametrize("spinning, entry", [(False, "0"), (True, "1")])
+def test_session_spinning_knob(spinning, entry):
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    x = np.array([-1.0, 2.0], np.float32)
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])]),
+        opset_imports=[onnx.helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    sess = qort.session(model.SerializeToString(), spinning=spinning)
+    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == entry
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], [0.0, 2.0])

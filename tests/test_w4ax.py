@@ -174,6 +174,49 @@ def test_cpu_formulations_and_unpacked_cache(form, m, monkeypatch):
     assert w4ax._unpacked.get(fresh) is None
 
 
+@pytest.mark.parametrize("inference_mode", [False, True], ids=["no_grad", "inference_mode"])
+def test_compiled_w4a8_follows_in_place_weight_updates(inference_mode):
+    """A weight changed in place is re-packed before the next call (runtime/packed.py), and the
+    CPU face's cached int8 codes follow, also for buffers made under inference_mode (which have
+    no version counter): the second call equals a fresh fake-quant of the new weight."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+    x = torch.randn(4, 64)
+    mode = torch.inference_mode if inference_mode else torch.no_grad
+    with mode():
+        compiled = torch.compile(model, backend=qhl.backend("w4a8"))
+        first = compiled(x)
+    assert _rel_err(first, quant.fake_quant_w4a8_linear(x, model[0].weight, model[0].bias)) < 1e-5
+    with torch.no_grad():
+        model[0].weight.mul_(-3.0)  # in place: same tensor, new values
+    with mode():
+        second = compiled(x)
+    assert _rel_err(second, quant.fake_quant_w4a8_linear(x, model[0].weight, model[0].bias)) < 1e-5
+
+
+def test_unpacked_codes_of_inference_tensors_follow_a_repack():
+    """Buffers made under inference_mode have no version counter: runtime/packed.py's refresh
+    tells the cache when it rewrites one in place."""
+    from qhl.runtime.packed import PackedWeight, refresh
+
+    source = torch.nn.Parameter(torch.randn(32, 64), requires_grad=False)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        packed, scale = quant.quantize_int4_per_channel(source)
+        holder = torch.nn.Module()
+        holder.register_buffer("packed", packed)
+        assert holder.packed.is_inference()
+        before = qops.w4a8_linear(x, holder.packed, scale, None)  # caches the codes
+    assert _rel_err(before, quant.fake_quant_w4a8_linear(x, source, None)) < 1e-5
+    record = PackedWeight("fc", source, source._version, lambda w: (quant.quantize_int4_per_channel(w)[0],), ("packed",))
+    with torch.no_grad():
+        source.neg_()  # the codes flip sign; the per-channel scales stay the same
+    with torch.inference_mode():
+        assert refresh(holder, [record]) == 1
+        after = qops.w4a8_linear(x, holder.packed, scale, None)
+    assert _rel_err(after, quant.fake_quant_w4a8_linear(x, source, None)) < 1e-5
+
+
 def test_empty_tokens():
     packed, scale = quant.quantize_int4_per_channel(torch.randn(8, 32))
     assert qops.w4a4_linear(torch.randn(0, 32), packed, scale, None).shape == (0, 8)
