@@ -14,7 +14,9 @@ and it does not depend on which orthogonal Q the offline rotation uses. A positi
 the fold costs accuracy whatever the rotation; GPTQ-style weight rounding can only shrink the
 weight term, not the activation term. The writers of the stream (o_proj, down_proj) gain from
 the offline rotation instead: their output channels are mixed by Q^T, which evens the per-channel
-weight scales. This script measures all of it on real activations, per layer and form:
+weight scales. A second table compares both rotations with GPTQ weights on both sides (held out:
+calibrated on the first half of the sequences). This script measures all of it on real
+activations, per layer and form:
 
     reader (q/k/v, gate/up)   online:  Q(x_n g H) Q(W H)^T       offline: Q(x_n Q) Q(W diag(g) Q)^T
     writer (o_proj, down)     online:  Q(x H) Q(W H)^T           offline: Q(x H) Q(Q^T W H)^T
@@ -64,6 +66,49 @@ def fake_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     return quant.dequantize_int4_per_channel(packed, s).double()
 
 
+def weight_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """The per-channel scale [N] and qmax the recipes use (int8 amax/127; int4 with the MSE clip)."""
+    if bits == 8:
+        return quant.quantize_int8_per_channel(w.float())[1].double(), 127
+    return quant.quantize_int4_per_channel(w.float(), clip="mse")[1].double(), 7
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int = 128, damp: float = 0.01) -> torch.Tensor:
+    """GPTQ (Frantar et al. 2022) on the recipes' grid: the same per-channel scales as
+    round-to-nearest, but each column is rounded in turn and its error spread over the columns
+    not yet rounded, through the inverse Hessian (2 X^T X of the calibration inputs). float64."""
+    scale, qmax = weight_grid(w, bits)
+    w = w.clone()
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    out = torch.zeros_like(w)
+    k = w.shape[1]
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err1, h1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            q = torch.round(col / scale).clamp(-qmax, qmax) * scale
+            out[:, i1 + i] = q
+            e = (col - q) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return out
+
+
+def gptq_ways(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor, bits: int, calib: int) -> dict[str, float]:
+    """Held-out SQNR with GPTQ weights: the Hessian from the first `calib` rows of a, the SQNR on
+    the rest, for RTN weights and GPTQ weights (activations quantized in both)."""
+    qb = gptq(b, 2 * a[:calib].T @ a[:calib], bits)
+    qa = fake_act(a[calib:].float(), bits)
+    return {"rtn_both": sqnr(ref[calib:], qa @ fake_weight(b.float(), bits).T), "gptq_both": sqnr(ref[calib:], qa @ qb.T)}
+
+
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return 10 * math.log10(ref.pow(2).sum().item() / max((out - ref).pow(2).sum().item(), 1e-300))
 
@@ -101,6 +146,7 @@ def main() -> None:
     model, tok = load_smollm2()
     acts = capture(model, news_corpus_tokens(tok, args.n_seqs, args.seq_len))
     n = model.config.hidden_size
+    calib = args.seq_len * (args.n_seqs // 2)  # GPTQ: calibrate on the first half of the sequences
     H = qhl.hadamard_matrix(n, torch.float64)
     Q = random_signs(n, args.seed).double()[:, None] * H
     rows: list[dict[str, Any]] = []
@@ -118,9 +164,12 @@ def main() -> None:
                     / ((xn * g).pow(2).sum().item() * w.pow(2).sum().item())
                 )
                 for bits in (8, 4):
+                    online_a, online_w, offline_a, offline_w = (xn * g) @ H, w @ H, xn @ Q, (w * g) @ Q
                     rows.append(dict(layer=i, name=name, role="reader", bits=bits, penalty_db=penalty,
-                                     online=three_ways((xn * g) @ H, w @ H, ref, bits),
-                                     offline=three_ways(xn @ Q, (w * g) @ Q, ref, bits)))
+                                     online=three_ways(online_a, online_w, ref, bits),
+                                     offline=three_ways(offline_a, offline_w, ref, bits),
+                                     online_gptq=gptq_ways(online_a, online_w, ref, bits, calib),
+                                     offline_gptq=gptq_ways(offline_a, offline_w, ref, bits, calib)))
             name = WRITERS[kind]
             x = acts[(i, name)]
             w = getattr(block, name).weight.detach().double()
@@ -160,6 +209,13 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             offline_better=sum(1 for v in gap["both"] if v > 0),
             penalty=statistics.median(penalties) if penalties else None,
         ))
+        if role == "reader":
+            out[-1].update({
+                f"{mode}_{w}": statistics.median(r[f"{mode}_gptq"][f"{w}_both"] for r in rs)
+                for mode in ("online", "offline") for w in ("rtn", "gptq")
+            })
+            gptq_gap = [r["offline_gptq"]["gptq_both"] - r["online_gptq"]["gptq_both"] for r in rs]
+            out[-1].update(gap_gptq=statistics.median(gptq_gap), offline_better_gptq=sum(1 for v in gptq_gap if v > 0))
     return out
 
 
@@ -183,6 +239,22 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {s['role']} | {form} | {s['name']} | {s['count']} | {s['online_both']:.2f} | {s['offline_both']:.2f} | "
             f"{s['gap_act']:+.2f} | {s['gap_weight']:+.2f} | {s['gap_both']:+.2f} | {s['offline_better']}/{s['count']} | {pen} |"
+        )
+    lines += [
+        "",
+        "With GPTQ weights (the same per-channel grids, columns rounded in turn with the error spread",
+        "through the inverse Hessian; calibrated on the first half of the sequences, SQNR on the other",
+        "half, activations quantized in both; medians):",
+        "",
+        "| form | layer | online RTN | online GPTQ | offline RTN | offline GPTQ | gap (GPTQ both sides) | offline better |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in sorted(result["summary"], key=lambda s: (-s["bits"], s["name"] != "all", s["name"])):
+        if s["role"] != "reader":
+            continue
+        lines.append(
+            f"| {'w8a8' if s['bits'] == 8 else 'w4a4'} | {s['name']} | {s['online_rtn']:.2f} | {s['online_gptq']:.2f} | "
+            f"{s['offline_rtn']:.2f} | {s['offline_gptq']:.2f} | {s['gap_gptq']:+.2f} | {s['offline_better_gptq']}/{s['count']} |"
         )
     lines += ["", f"Correlation, over the {sum(1 for r in result['rows'] if r['role'] == 'reader' and r['bits'] == 8)} "
               f"w8a8 readers, of the fold penalty with the measured online-minus-offline loss: "

@@ -18,15 +18,17 @@ The transform of one row of size n = K·2^m (qhl.hadamard.hadamard_plan), with t
     z = x.reshape(K, 2^m) @ H_{2^m}     log2(2^m) butterfly stages  (a, b) -> (a + b, a - b)
     y = H_Kᵀ @ z / sqrt(n)              a K×K matmul across the chunks (H_K for transpose=True)
 
-O(n log n + n K) work, never a dense n×n matmul. The CPU spec runs the butterflies on two
+O(n log n + n K) work, never a dense n×n matmul. For up to 16 rows (decoding), the CPU spec runs
+the 2^m part as two small GEMMs instead, H_{2^m} = H_a ⊗ H_b with a·b = 2^m (O(n^1.5) work, but
+two calls instead of log2(n) of them). Otherwise it runs the butterflies on two
 reused ping-pong buffers (torch.add/sub with out=), largest stride first, and the last
 log2(16) = 4 stages as one [.., 16] @ H_16 matmul: strided add/sub on 1..8-wide halves is
 slow in eager torch, a 16-point Hadamard is the same ±1 sum and runs as one small GEMM
 (measured on this 2-core box, 1 thread, 64-512 rows: 1.9-3.3x faster than all-add/sub stages at
 n = 1536..4096). Inputs under 32768 values run all stages as add/sub, and a tiny K stage as a
 broadcast multiply-sum: a small BLAS call can stall for milliseconds on a busy OpenMP worker.
-benchmarks/hadamard_speed.py: the op vs x @ hadamard_matrix(n), 1 thread: 12x (1 row), 46x (64),
-21x (512) at n = 4096.
+benchmarks/hadamard_speed.py: the op vs x @ hadamard_matrix(n), 1 thread: 13x (1 row), 24x (64),
+29x (512) at n = 4096.
 
 Faces: spec (here, CPU), fake, kernel (codegen/triton/hadamard.py, CUDA), grad (hadamard only:
 dx = hadamard(dy, block_size, not transpose), since M⁻¹ = Mᵀ), onnx (codegen/onnx/hadamard.py).
@@ -56,6 +58,10 @@ __all__ = [
 QUANT_BITS = (4, 8)
 _BASE = 16  # the butterfly's last log2(_BASE) stages run as one [.., 16] @ H_16 matmul
 _MATMUL_BASE_MIN_NUMEL = 32768  # ... on inputs at least this big (torch's parallel grain size)
+# Up to this many transforms (rows x blocks), the 2^m part runs as two GEMMs (_kron_sylvester):
+# measured on this 2-core box against the butterflies, n = 576 / 1536 / 4096: 1.7x / 2.3x / 4.2x
+# faster at 1 row, 1.1x / 1.8x / 1.4x at 16 rows, 0.9x at 32 rows.
+_KRON_MAX_RUNS = 16
 
 
 def resolve_block(n: int, block_size: int) -> int:
@@ -105,12 +111,29 @@ def _butterflies(a: Tensor, b: Tensor, p: int) -> Tensor:
     return a
 
 
+def _kron_sylvester(x: Tensor, p: int) -> Tensor:
+    """Unnormalised Sylvester transform of every length-p run of the flat tensor x, as two small
+    GEMMs: H_p = H_a ⊗ H_b (a * b = p), so a run viewed as an [a, b] matrix X maps to H_a X H_b
+    (Sylvester matrices are symmetric). A new flat tensor."""
+    m = p.bit_length() - 1
+    a, b = 1 << (m // 2), 1 << (m - m // 2)
+    runs = x.numel() // p
+    z = torch.matmul(x.view(-1, b), _factor(b, x.dtype, True)).view(runs, a, b)
+    z = torch.matmul(z.transpose(1, 2).reshape(-1, a), _factor(a, x.dtype, True))
+    return z.view(runs, b, a).transpose(1, 2).contiguous().view(-1)
+
+
 def _transform_rows(x2: Tensor, b: int, transpose: bool) -> Tensor:
     """x2 [R, n] (compute dtype, n % b == 0) -> x2 @ (I ⊗ H_b) (or its transpose), a new tensor."""
     k, p = hlib.hadamard_plan(b)
-    a = x2.contiguous().clone().view(-1)
-    buf = torch.empty_like(a)
-    z = _butterflies(a, buf, p)
+    if x2.numel() // b <= _KRON_MAX_RUNS and p >= _BASE:
+        # few rows (decoding): two GEMMs beat log2(p) op dispatches; x2 is only read
+        a = z = _kron_sylvester(x2.contiguous().view(-1), p)
+        buf = torch.empty_like(z) if k > 1 else z
+    else:
+        a = x2.contiguous().clone().view(-1)
+        buf = torch.empty_like(a)
+        z = _butterflies(a, buf, p)
     if k > 1:
         zk = z.view(-1, k, p)
         other = buf if z is a else a

@@ -179,6 +179,20 @@ def test_spec_block_diagonal(n, b):
     assert (hadamard_spec(y, b, transpose=True, fp32=False) - x).abs().max().item() <= 1e-10
 
 
+@pytest.mark.parametrize("rows", [1, 16, 17, 200])  # <= 16 transforms: two GEMMs; more: butterflies
+@pytest.mark.parametrize("n, b", [(576, 0), (4096, 0), (1536, 128)])
+def test_spec_formulations_by_row_count(rows, n, b):
+    """Both CPU formulations of the 2^m part (codegen/hadamard.py picks by the number of
+    transforms) equal the dense product, forward and transposed."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, n, dtype=torch.float64)
+    size = b or n
+    m = torch.kron(torch.eye(n // size, dtype=torch.float64), hlib.hadamard_matrix(size, torch.float64))
+    assert (hadamard_spec(x, b, fp32=False) - x @ m).abs().max().item() <= 1e-10
+    assert (hadamard_spec(x, b, transpose=True, fp32=False) - x @ m.T).abs().max().item() <= 1e-10
+    assert (torch.ops.qhl.hadamard(x.float(), b).double() - x @ m).abs().max().item() <= 1e-5
+
+
 def test_dtypes_and_bad_blocks():
     x = torch.randn(4, 96, dtype=torch.bfloat16)
     ref = x.double() @ hlib.hadamard_matrix(96, torch.float64)
