@@ -266,9 +266,11 @@ def _rotation_presets() -> dict[str, Recipe]:
         )
     }
     # Defaults measured on SmolLM2-135M (benchmarks/results/hadamard_fidelity.md):
-    # * rotation="online" beat "auto" (offline residual + online) on every form with
-    #   round-to-nearest weights: folding the RMSNorm scales into 4/8-bit weights costs more than
-    #   the offline rotation saves. "auto" and "offline" stay available as knobs.
+    # * rotation="online" beat "auto" (offline residual + online) on every form: folding the
+    #   RMSNorm scales into the readers costs more than the offline rotation saves, in the
+    #   activation term as much as the weight term, and with GPTQ weights too
+    #   (benchmarks/results/rotation_fold_cost.md, docs/hadamard.md). "auto" and "offline" stay
+    #   available as knobs.
     # * int4 weights get weight_clip="mse": rotated rows are near-Gaussian, where a clipped scale
     #   wins (hadamard-w4a8 ppl 87 -> 60), while on unrotated rows (sparse outliers) it loses.
     for form in ("w8a8", "w4a8", "w4a4", "w4a16"):
