@@ -7,7 +7,8 @@ read from their module file with `ast` (no triton import, so inspect works on a 
 it), under a header naming the layer's specialisation (the launch-time arguments).
 
     form                    kernels, in launch order
-    w4a8, w4a4              per-token b-bit quantize (or the fused Hadamard prologue), int4 GEMM
+    w4a8, w4a4              the rendered per-token quantize kernel (qmax 127 or 7), or the fused
+                            Hadamard prologue; then the int4 GEMM
     gralora, lora           adapter down-projection, base GEMM + block low-rank epilogue
     gralora-w4a16, ...      the rendered w4a16 kernel, then the adapter kernels above
     blocklr                 the block low-rank kernel
