@@ -53,9 +53,10 @@ MAX_N = 16384  # one row of up to 16384 float32 values per program (64 KiB of re
 def _fwht_tile(x, K_PAD: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr):
     """Unnormalised Sylvester transform along axis 1 of a [K_PAD, P] float32 tile."""
     for st in tl.static_range(LOG_P):
-        H: tl.constexpr = 1 << st
-        G: tl.constexpr = P // (2 * H)
-        x4 = tl.reshape(x, (K_PAD, G, 2, H))
+        # stage st pairs elements 2^st apart: [K_PAD, P / 2^(st+1), 2, 2^st]. The shape is written
+        # inline: the compiler turns a plain local into a tensor, and a tl.constexpr local cannot
+        # be reassigned in the next unrolled iteration (the interpreter allows both).
+        x4 = tl.reshape(x, (K_PAD, P // (2 << st), 2, 1 << st))
         pair = tl.arange(0, 2)[None, None, :, None]  # [1, 1, 2, 1]: 0 = first half, 1 = second
         sign = (1 - 2 * pair).to(tl.float32)
         s = tl.sum(x4, axis=2)  # a + b
