@@ -43,16 +43,21 @@ def _launch_all() -> None:
         hadamard.hadamard_triton(torch.randn(3, n), block)
         hadamard.hadamard_triton(torch.randn(3, n, dtype=torch.float16), block, True)
         hadamard.hadamard_quantize_triton(torch.randn(3, n), block, 4)
-    k, r, d_in, d_out, hr = 2, 8, 64, 48, 4
-    x, w, b = torch.randn(3, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
-    la, lb = torch.randn(k, d_in // k, r), torch.randn(k, r, d_out // k)
-    ha, hb = torch.randn(hr, d_in), torch.randn(d_out, hr)
-    gralora.gralora_linear_triton(x, w, b, la, lb, ha, hb, 0.7)
-    gralora.gralora_linear_triton(x, w, None, la, lb, None, None, 0.7, torch.randn(3, d_in))
-    p4, s4, z4 = quant.quantize_int4_groupwise(torch.randn(d_out, d_in), 32, False)
-    gralora.gralora_w4a16_linear_triton(x, p4, s4, z4, 32, b, la, lb, ha, hb, 0.5)
-    gralora.gralora_backward_triton(torch.randn(3, d_out), x, w, la, lb, ha, hb, 0.7, False,
-                                    (True, True, True, True, True, False))
+    # SmolLM2's sizes too (K = 576, N = 1536), where the block choices differ
+    x = torch.randn(2, 576, dtype=torch.float16)
+    packed, scale = quant.quantize_int4_per_channel(torch.randn(1536, 576))
+    w4ax.w4ax_linear_triton(x, packed, scale, None, -1, 8)
+    # GraLoRA: a small case, and SmolLM2's q_proj (576 -> 576) at k = 4, r = 32, hybrid 8
+    for k, r, d_in, d_out, hr in ((2, 8, 64, 48, 4), (4, 32, 576, 576, 8)):
+        x, w, b = torch.randn(3, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
+        la, lb = torch.randn(k, d_in // k, r), torch.randn(k, r, d_out // k)
+        ha, hb = torch.randn(hr, d_in), torch.randn(d_out, hr)
+        gralora.gralora_linear_triton(x, w, b, la, lb, ha, hb, 0.7)
+        gralora.gralora_linear_triton(x, w, None, la, lb, None, None, 0.7, torch.randn(3, d_in))
+        p4, s4, z4 = quant.quantize_int4_groupwise(torch.randn(d_out, d_in), 32, False)
+        gralora.gralora_w4a16_linear_triton(x, p4, s4, z4, 32, b, la, lb, ha, hb, 0.5)
+        gralora.gralora_backward_triton(torch.randn(3, d_out), x, w, la, lb, ha, hb, 0.7, False,
+                                        (True, True, True, True, True, False))
     ranks = [21, 0, 3, 16]  # k = 2, R = 40; one block of rank 0
     u, v = torch.randn(40, 40), torch.randn(40, 48)
     lowrank.blocklr_linear_triton(torch.randn(3, 96), u, v, ranks, torch.randn(80))
