@@ -33,7 +33,7 @@ def _launch_all() -> None:
     from qhl.codegen.triton.per_token_quant import per_token_quant_bits
 
     torch.manual_seed(0)
-    for dtype in (torch.float16, torch.float32):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         x = torch.randn(4, 128, dtype=dtype)
         packed, scale = quant.quantize_int4_per_channel(torch.randn(48, 128))
         per_token_quant_bits(x, 4)
@@ -48,15 +48,15 @@ def _launch_all() -> None:
     packed, scale = quant.quantize_int4_per_channel(torch.randn(1536, 576))
     w4ax.w4ax_linear_triton(x, packed, scale, None, -1, 8)
     # GraLoRA: a small case, and SmolLM2's q_proj (576 -> 576) at k = 4, r = 32, hybrid 8
-    for k, r, d_in, d_out, hr in ((2, 8, 64, 48, 4), (4, 32, 576, 576, 8)):
-        x, w, b = torch.randn(3, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
-        la, lb = torch.randn(k, d_in // k, r), torch.randn(k, r, d_out // k)
-        ha, hb = torch.randn(hr, d_in), torch.randn(d_out, hr)
+    for k, r, d_in, d_out, hr, dt in ((2, 8, 64, 48, 4, torch.float32), (4, 32, 576, 576, 8, torch.bfloat16)):
+        x, w, b = (torch.randn(3, d_in, dtype=dt), torch.randn(d_out, d_in, dtype=dt), torch.randn(d_out, dtype=dt))
+        la, lb = torch.randn(k, d_in // k, r, dtype=dt), torch.randn(k, r, d_out // k, dtype=dt)
+        ha, hb = torch.randn(hr, d_in, dtype=dt), torch.randn(d_out, hr, dtype=dt)
         gralora.gralora_linear_triton(x, w, b, la, lb, ha, hb, 0.7)
-        gralora.gralora_linear_triton(x, w, None, la, lb, None, None, 0.7, torch.randn(3, d_in))
+        gralora.gralora_linear_triton(x, w, None, la, lb, None, None, 0.7, torch.randn(3, d_in, dtype=dt))
         p4, s4, z4 = quant.quantize_int4_groupwise(torch.randn(d_out, d_in), 32, False)
         gralora.gralora_w4a16_linear_triton(x, p4, s4, z4, 32, b, la, lb, ha, hb, 0.5)
-        gralora.gralora_backward_triton(torch.randn(3, d_out), x, w, la, lb, ha, hb, 0.7, False,
+        gralora.gralora_backward_triton(torch.randn(3, d_out, dtype=dt), x, w, la, lb, ha, hb, 0.7, False,
                                         (True, True, True, True, True, False))
     ranks = [21, 0, 3, 16]  # k = 2, R = 40; one block of rank 0
     u, v = torch.randn(40, 40), torch.randn(40, 48)
