@@ -338,8 +338,9 @@ def _export(module, x, path):
     return qort.session(path)
 
 
-@pytest.mark.parametrize("formulation", ["butterfly", "matmul"])
-@pytest.mark.parametrize("n, block, transpose", [(96, 0, False), (96, 16, True), (64, 0, True)])
+@pytest.mark.parametrize("formulation", ["butterfly", "kron", "matmul"])
+@pytest.mark.parametrize("n, block, transpose", [(96, 0, False), (96, 16, True), (64, 0, True), (1536, 0, True),
+                                                 (512, 128, False)])
 def test_onnx_hadamard_matches_spec(formulation, n, block, transpose, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     from qhl.codegen.onnx import hadamard as oh
@@ -363,7 +364,16 @@ def test_onnx_fused_quant_matches_spec(tmp_path):
     assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
 
 
+def test_onnx_bad_formulation_is_refused():
+    from qhl.codegen.onnx import hadamard as oh
+
+    assert oh.FORMULATION == "kron"  # measured fastest in ORT (benchmarks/results/hadamard_onnx_choice.md)
+    with pytest.raises(UnsupportedError, match="formulation 'fast'"):
+        oh._choose(64, "fast")
+
+
 def test_onnx_ops_listed():
     from qhl.codegen.onnx import ops_for_form
 
-    assert "Split" in ops_for_form("hadamard") and "QuantizeLinear" in ops_for_form("hadamard_quantize_per_token")
+    assert "MatMul" in ops_for_form("hadamard") and "Split" not in ops_for_form("hadamard")
+    assert "QuantizeLinear" in ops_for_form("hadamard_quantize_per_token")

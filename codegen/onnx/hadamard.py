@@ -1,28 +1,22 @@
 """ONNX face of qhl::hadamard and qhl::hadamard_quantize_per_token (standard ONNX, opset 21).
 
-Two formulations of y = x @ M, M = I_{n/b} ⊗ hadamard_matrix(b), b = K · P (P = 2^m):
+Three formulations of y = x @ M, M = I_{n/b} ⊗ hadamard_matrix(b), b = K · P (P = 2^m):
 
   "butterfly"  x ─ Reshape [-1, 2, h] ─ Split ─ Add / Sub ─ Concat ─ ... (log2 P stages, h = P/2 .. 1)
                  ─ Reshape [-1, K, P] ─ MatMul(A [K, K], ·) ─ Mul(1/sqrt(b)) ─ Reshape(shape of x)
                O(n log n) work, constants of K² values.
+  "kron"       x ─ Reshape ─ MatMul(·, H_P) (P <= 64), or MatMul(·, H_c) ─ MatMul(H_a, ·) with
+                 H_P = H_a ⊗ H_c (P > 64) ─ the K×K stage as above. Small GEMMs, few nodes.
   "matmul"     x ─ Reshape [-1, b] ─ MatMul(hadamard_matrix(b) [b, b] constant) ─ Reshape(shape of x)
-               one GEMM (ORT's MLAS is very fast at it); a b² float32 initializer (64 MiB at 4096).
+               one GEMM; a b² float32 initializer (64 MiB at 4096).
 
 Which one ORT runs faster on CPU was measured by benchmarks/hadamard_onnx_choice.py (ONNX
-Runtime CPU, 1 intra-op thread, best of 20 after warm-up, on this shared 2-core box; the table in
-benchmarks/results/hadamard_onnx_choice.md):
-
-    n      rows   butterfly ms   matmul ms   matmul / butterfly
-    576      1       0.023         0.027         1.16
-    576     64       0.279         0.387         1.39
-    1536     1       0.043         0.146         3.40
-    1536    64       0.886         6.862         7.75
-    4096     1       0.182        10.481        57.64
-    4096    64      10.785        69.674         6.46
-    (ORT 1.32.0, AMD EPYC, load ~9 on 2 cores; both within 2.2e-6 of the spec)
-
-The butterflies win at every size measured, so FORMULATION = "butterfly" is the default; "matmul"
-stays selectable (benchmarks, and a check of the butterflies). The quantizing op rotates the same way and then quantizes per token exactly as
+Runtime CPU, 1 intra-op thread, medians of 20, round-robin, on this shared 2-core box; the table
+in benchmarks/results/hadamard_onnx_choice.md). "kron" was fastest at every size and row count
+measured (576, 1536, 4096 at 1 and 64 rows; 2.7-4.2x faster than the butterflies at 64 rows):
+one MatMul by H_P beats two factors up to P = 64 (576 = 36·16, 768 = 12·64), two factors win
+from P = 128 (1536 = 12·128; at 4096 one 4096² factor would be the dense matmul). So
+FORMULATION = "kron"; "butterfly" and "matmul" stay selectable (benchmarks and tests). The quantizing op rotates the same way and then quantizes per token exactly as
 qhl.codegen.onnx.per_token_quant does (QuantizeLinear with one block per row, round half to
 even), with qmax = 2^(bits-1) - 1: for s = amax / qmax every |v / s| <= qmax, so QuantizeLinear's
 int8 saturation never binds and the codes equal the spec's clamp(round(v / s)).
@@ -50,13 +44,13 @@ __all__ = [
     "rotation_matrix_np",
 ]
 
-FORMULATIONS = ("butterfly", "matmul")
-FORMULATION = "butterfly"  # measured faster at every size (module docstring)
+FORMULATIONS = ("butterfly", "kron", "matmul")
+FORMULATION = "kron"  # measured fastest in ORT at every size (module docstring)
+KRON_ONE_FACTOR_MAX_P = 64  # P up to this: one MatMul by H_P; above: two, by H_a and H_c
 
-_BUTTERFLY_OPS = ["Cast", "Reshape", "Split", "Add", "Sub", "Concat", "MatMul", "Mul", "Shape"]
-_MATMUL_OPS = ["Cast", "Reshape", "MatMul", "Shape"]
+_KRON_OPS = ["Cast", "Reshape", "MatMul", "Mul", "Shape"]  # what the default formulation emits
 _QUANT_OPS = ["Abs", "ReduceMax", "Div", "Greater", "Where", "Expand", "QuantizeLinear"]
-OPS: dict[str, list[str]] = {"standard": _BUTTERFLY_OPS, "onnxruntime": _BUTTERFLY_OPS}
+OPS: dict[str, list[str]] = {"standard": _KRON_OPS, "onnxruntime": _KRON_OPS}
 
 
 def rotation_matrix_np(b: int, transpose: bool = False) -> np.ndarray:
@@ -91,6 +85,26 @@ def _butterfly(x: Any, b: int, transpose: bool) -> Any:
     return op.Mul(op.Reshape(z, const([-1, b], np.int64)), const(1.0 / math.sqrt(b)))
 
 
+def _kron(x: Any, b: int, transpose: bool) -> Any:
+    """x float32 [..., n] -> x @ (I ⊗ H_b), shaped [-1, b]: the power-of-two part as one MatMul by
+    H_P (P <= 64), or as two, H_P = H_a ⊗ H_c (a * c = P; Sylvester matrices are symmetric, so a
+    run viewed as an [a, c] matrix X maps to H_a X H_c). Then the K×K stage, as in _butterfly."""
+    op = opset()
+    k, p = hlib.hadamard_plan(b)
+    m = p.bit_length() - 1
+    a, c = (1, p) if p <= KRON_ONE_FACTOR_MAX_P else (1 << (m // 2), 1 << (m - m // 2))
+    z = op.Reshape(x, const([-1, a, c], np.int64))
+    if c > 1:
+        z = op.MatMul(z, const(hlib.hadamard_factor(c).numpy()))
+    if a > 1:
+        z = op.MatMul(const(hlib.hadamard_factor(a).numpy()), z)
+    if k > 1:
+        hk = hlib.hadamard_factor(k).numpy()
+        a_mat = hk if transpose else hk.T
+        z = op.MatMul(const(np.ascontiguousarray(a_mat)), op.Reshape(z, const([-1, k, p], np.int64)))
+    return op.Mul(op.Reshape(z, const([-1, b], np.int64)), const(1.0 / math.sqrt(b)))
+
+
 def _dense(x: Any, b: int, transpose: bool) -> Any:
     op = opset()
     return op.MatMul(op.Reshape(x, const([-1, b], np.int64)), const(rotation_matrix_np(b, transpose)))
@@ -108,7 +122,7 @@ def rotate(x: Any, block_size: int = 0, transpose: bool = False, formulation: st
     b = resolve_block(n, block_size)
     xf = _float32(x)
     form = _choose(b, formulation or FORMULATION)
-    y = _butterfly(xf, b, transpose) if form == "butterfly" else _dense(xf, b, transpose)
+    y = {"butterfly": _butterfly, "kron": _kron, "matmul": _dense}[form](xf, b, transpose)
     return op.Reshape(y, op.Shape(xf))
 
 
