@@ -3,7 +3,7 @@
 For each recipe, the model is compiled with torch.compile(backend=qhl.backend(recipe)) and run on
 the offline news corpus (4 x 512 tokens by default). Rows:
 
-    float32 (eager), w8a8, w4a8, w4a4                  no rotation (the baselines)
+    float32 (eager), w8a8, w4a8, w4a4, w4a16 g64       no rotation (the baselines)
     hadamard-<form>            the preset: rotation="online" (a Hadamard before every quantized
                                layer), weight_clip="mse" for int4 weights
     hadamard-<form> auto       rotation="auto": offline residual rotation (QuaRot) + online only
@@ -48,6 +48,9 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("w4a4", "w4a4", {}),
     ("hadamard-w4a4", "hadamard-w4a4", {}),
     ("hadamard-w4a4 auto", "hadamard-w4a4", {"rotation": "auto"}),
+    ("w4a16 g64", "w4a16", {"group_size": 64}),
+    ("hadamard-w4a16 g64", "hadamard-w4a16", {"group_size": 64}),
+    ("hadamard-w4a16", "hadamard-w4a16", {}),
 ]
 INVARIANCE = [("hadamard offline", {"rotation": "offline"}), ("hadamard online", {"rotation": "online"}),
               ("hadamard auto", {"rotation": "auto"})]

@@ -13,7 +13,9 @@ same activation with the same block (q/k/v, gate/up).
 Which layers: every selected layer under rotation="online"; under "auto", those whose input the
 offline residual rotation did not already rotate (o_proj, down_proj, or all of them when it
 declined); none under "offline". A size with no construction and no block leaves the layer
-unrotated (still quantized), with the reason in the report.
+unrotated (still quantized), with the reason in the report; so does a layer the recipe's form
+will leave float (quantize_linear's own check, e.g. K not divisible by the group size): rotating a
+float matmul would only cost time.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from torch import fx
 
 from qhl.graph import matmul_infos
 from qhl.passes.base import PassResult
+from qhl.passes.quantize_linear import RULES
 from qhl.passes.rotation_common import describe_block, insert_hadamard, resolve_block, rotate_rows, training_reason
 from qhl.recipes import Recipe
 
@@ -32,7 +35,7 @@ DONE_KNOB = "online_rotated"
 
 
 def rotate_online(gm: fx.GraphModule, recipe: Recipe) -> PassResult:
-    stats = {"rotated": 0, "fused": 0, "unrotatable": 0}
+    stats = {"rotated": 0, "fused": 0, "unrotatable": 0, "stays_float": 0}
     if recipe.rotation not in ("online", "auto"):
         return PassResult(gm, False, stats)
     why_not = training_reason(gm)
@@ -40,6 +43,15 @@ def rotate_online(gm: fx.GraphModule, recipe: Recipe) -> PassResult:
     changed = False
     for node, info in matmul_infos(gm):
         if not info.selected or info.knobs.get("input_rotated") or info.knobs.get(DONE_KNOB):
+            continue
+        form = info.knobs.get("form")
+        rule = RULES.get(form) if form else None
+        stays_float = rule.check(info, info.knobs) if rule is not None else None
+        if stays_float:
+            # quantize_linear will decline the layer: rotating a float matmul changes nothing but
+            # costs a Hadamard per call
+            info.rotation_reason = f"online rotation skipped: {form} leaves this layer float ({stays_float})"
+            stats["stays_float"] += 1
             continue
         n = info.in_features
         block, reason = (None, why_not) if why_not else resolve_block(n, info.knobs.get("rotation_block"))

@@ -137,7 +137,7 @@ def test_rotate_online_golden_graph_and_sharing():
     gm = make_graph(model, x)
     ref = run_graph(copy.deepcopy(gm))[0]
     out_gm, records = _run(gm, qhl.recipe("hadamard", rotation="online", skip=()))
-    assert dict(records["rotate_online"].stats) == {"rotated": 2, "fused": 0, "unrotatable": 0}
+    assert dict(records["rotate_online"].stats) == {"rotated": 2, "fused": 0, "unrotatable": 0, "stays_float": 0}
     h = "qhl.hadamard.default(in2, 0, False, True)"
     w = "attr<float32[16, 64]>"
     assert graph_expr(out_gm) == f"(aten.mul.Tensor(aten.linear.default({h}, {w}, in1), aten.linear.default({h}, {w}, in4)),)"
@@ -293,3 +293,23 @@ def test_offline_rotation_through_the_export_door():
     report = qhl.inspect(model, (ids,), recipe=qhl.recipe("hadamard", rotation="offline", skip=()))
     assert all(r.rotation and r.rotation.startswith("offline") for r in report.layers)
     assert report.output_sqnr_db > 100
+
+
+def test_online_rotation_skips_layers_the_form_leaves_float():
+    """hadamard-w4a16 at group 128: a K = 96 layer stays float (quantize_linear's check), so it
+    gets no Hadamard (it would only cost time); the K = 128 layer is rotated and quantized."""
+    from qhl_testing import MLP
+
+    torch.manual_seed(0)
+    model, x = MLP(d=96, h=128, o=32).eval(), torch.randn(2, 5, 96)
+    report = qhl.inspect(model, (x,), recipe="hadamard-w4a16", group_size=128)
+    rows = {r.path: r for r in report.layers}
+    assert rows["fc1"].form is None and rows["fc1"].rotation is None
+    assert rows["fc1"].rotation_reason == (
+        "online rotation skipped: w4a16 leaves this layer float (in_features K=96 is not divisible by "
+        "group_size=128; choose a group size that divides K or keep this layer float)"
+    )
+    assert rows["fc2"].form == "w4a16" and rows["fc2"].rotation == "online H128"
+    hadamards = [n for n in report.graph_module.graph.nodes if n.target == torch.ops.qhl.hadamard.default]
+    assert len(hadamards) == 1
+    assert dict(next(p for p in report.passes if p.name == "rotate_online").stats)["stays_float"] == 1
