@@ -129,7 +129,7 @@ def _transform_rows(x2: Tensor, b: int, transpose: bool) -> Tensor:
     if x2.numel() // b <= _KRON_MAX_RUNS and p >= _BASE:
         # few rows (decoding): two GEMMs beat log2(p) op dispatches; x2 is only read
         a = z = _kron_sylvester(x2.contiguous().view(-1), p)
-        buf = torch.empty_like(z) if k > 1 else z
+        buf = torch.empty_like(z) if k > 1 else z  # the K stage below writes into buf
     else:
         a = x2.contiguous().clone().view(-1)
         buf = torch.empty_like(a)

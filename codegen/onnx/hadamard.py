@@ -13,10 +13,13 @@ Three formulations of y = x @ M, M = I_{n/b} ⊗ hadamard_matrix(b), b = K · P 
 Which one ORT runs faster on CPU was measured by benchmarks/hadamard_onnx_choice.py (ONNX
 Runtime CPU, 1 intra-op thread, medians of 20, round-robin, on this shared 2-core box; the table
 in benchmarks/results/hadamard_onnx_choice.md). "kron" was fastest at every size and row count
-measured (576, 1536, 4096 at 1 and 64 rows; 2.7-4.2x faster than the butterflies at 64 rows):
-one MatMul by H_P beats two factors up to P = 64 (576 = 36·16, 768 = 12·64), two factors win
-from P = 128 (1536 = 12·128; at 4096 one 4096² factor would be the dense matmul). So
-FORMULATION = "kron"; "butterfly" and "matmul" stay selectable (benchmarks and tests). The quantizing op rotates the same way and then quantizes per token exactly as
+measured (576, 1536, 4096 at 1 and 64 rows; 2.3-4.1x faster than the butterflies, 2.4-53x
+faster than the dense MatMul). One MatMul by H_P beats two factors up to P = 64 (576 = 36·16,
+768 = 12·64); two factors win from P = 128 (1536 = 12·128; at 4096 one 4096² factor would be
+the dense matmul). So FORMULATION = "kron"; "butterfly" and "matmul" stay selectable
+(benchmarks and tests).
+
+The quantizing op rotates the same way and then quantizes per token exactly as
 qhl.codegen.onnx.per_token_quant does (QuantizeLinear with one block per row, round half to
 even), with qmax = 2^(bits-1) - 1: for s = amax / qmax every |v / s| <= qmax, so QuantizeLinear's
 int8 saturation never binds and the codes equal the spec's clamp(round(v / s)).
@@ -70,7 +73,7 @@ def _choose(b: int, formulation: str) -> str:
 def _butterfly(x: Any, b: int, transpose: bool) -> Any:
     """x float32 [..., n] (n static, n % b == 0) -> x @ (I ⊗ H_b), shaped [-1, b]."""
     op = opset()
-    k, p = hlib.hadamard_plan(b)
+    _, p = hlib.hadamard_plan(b)
     z = x
     h = p // 2
     while h >= 1:
@@ -78,6 +81,14 @@ def _butterfly(x: Any, b: int, transpose: bool) -> Any:
         a, c = op.Split(pair, axis=1, num_outputs=2)
         z = op.Concat(op.Add(a, c), op.Sub(a, c), axis=1)
         h //= 2
+    return _k_stage_and_scale(z, b, transpose)
+
+
+def _k_stage_and_scale(z: Any, b: int, transpose: bool) -> Any:
+    """The power-of-two part done (z holds runs of P): the K×K stage across the K chunks of each
+    block, then 1/sqrt(b); shaped [-1, b]."""
+    op = opset()
+    k, p = hlib.hadamard_plan(b)
     if k > 1:
         hk = hlib.hadamard_factor(k).numpy()
         a_mat = hk if transpose else hk.T  # y = A @ z, A = H_Kᵀ forward, H_K for the inverse
@@ -88,9 +99,9 @@ def _butterfly(x: Any, b: int, transpose: bool) -> Any:
 def _kron(x: Any, b: int, transpose: bool) -> Any:
     """x float32 [..., n] -> x @ (I ⊗ H_b), shaped [-1, b]: the power-of-two part as one MatMul by
     H_P (P <= 64), or as two, H_P = H_a ⊗ H_c (a * c = P; Sylvester matrices are symmetric, so a
-    run viewed as an [a, c] matrix X maps to H_a X H_c). Then the K×K stage, as in _butterfly."""
+    run viewed as an [a, c] matrix X maps to H_a X H_c). Then the K×K stage."""
     op = opset()
-    k, p = hlib.hadamard_plan(b)
+    _, p = hlib.hadamard_plan(b)
     m = p.bit_length() - 1
     a, c = (1, p) if p <= KRON_ONE_FACTOR_MAX_P else (1 << (m // 2), 1 << (m - m // 2))
     z = op.Reshape(x, const([-1, a, c], np.int64))
@@ -98,11 +109,7 @@ def _kron(x: Any, b: int, transpose: bool) -> Any:
         z = op.MatMul(z, const(hlib.hadamard_factor(c).numpy()))
     if a > 1:
         z = op.MatMul(const(hlib.hadamard_factor(a).numpy()), z)
-    if k > 1:
-        hk = hlib.hadamard_factor(k).numpy()
-        a_mat = hk if transpose else hk.T
-        z = op.MatMul(const(np.ascontiguousarray(a_mat)), op.Reshape(z, const([-1, k, p], np.int64)))
-    return op.Mul(op.Reshape(z, const([-1, b], np.int64)), const(1.0 / math.sqrt(b)))
+    return _k_stage_and_scale(z, b, transpose)
 
 
 def _dense(x: Any, b: int, transpose: bool) -> Any:

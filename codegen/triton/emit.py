@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from qhl.errors import KernelError, QhlError
+from qhl.errors import KernelError
 from qhl.graph import MATMUL_META, MatmulInfo
 
 __all__ = [
