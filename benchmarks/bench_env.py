@@ -20,7 +20,7 @@ import torch
 
 import qhl
 
-__all__ = ["qhl_sources", "machine", "round_robin_ms", "round_robin", "cosine", "sqnr", "write_results"]
+__all__ = ["qhl_sources", "machine", "round_robin_ms", "round_robin", "rotated", "cosine", "sqnr", "write_results"]
 
 
 def qhl_sources() -> dict[str, str]:
@@ -53,18 +53,28 @@ def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) ->
     """Each call's wall time in ms, `reps` per function, after `warmup` untimed calls of each.
 
     One call of each function in turn, rather than all reps of one then all of the next, so that a
-    noisy neighbour on a shared box slows every variant alike and their ratio stays meaningful.
+    noisy neighbour on a shared box slows every variant alike and their ratio stays meaningful; the
+    order rotates every repetition (see `rotated`).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    for rep in range(reps):
+        for name in rotated(list(fns), rep):
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def rotated(names: list[str], rep: int) -> list[str]:
+    """`names` rotated by `rep`: the round-robin order of one repetition. The variant that runs
+    right after another's large working set pays for the caches that one evicted (measured with
+    eager float32 before a 4 x 4096^2 int8 stack at 512 tokens: about 2 ms of 30), so no variant
+    may always sit in that place."""
+    k = rep % len(names) if names else 0
+    return names[k:] + names[:k]
 
 
 def round_robin(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[str, dict[str, float]]:

@@ -7,8 +7,9 @@
 
 Every timing is the whole compiled call (per-token quantization prologue, GEMM and dequantize
 epilogue included), under no_grad, after warmup: the median of rounds x reps (>= 7) calls. Variants
-are timed round-robin (one call of each in turn) so that a noisy neighbour slows all of them alike,
-and the rounds are spread over the run; the spread of the per-round ratios is reported too.
+are timed round-robin (one call of each in turn, the order rotating every repetition) so that a
+noisy neighbour or a cache another variant evicted slows all of them alike, and the rounds are
+spread over the run; the spread of the per-round ratios is reported too.
 Writes benchmarks/results/speed_cpu.{json,md}.
 
     .venv/bin/python benchmarks/speed.py [--quick] [--reps 7] [--rounds 3]
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 import qhl
-from bench_env import machine
+from bench_env import machine, rotated
 from qhl.metrics import sqnr_db
 
 log = logging.getLogger("speed")
@@ -88,8 +89,9 @@ class Bench:
     def sample(self, reps: int) -> None:
         batch: dict[str, list[float]] = {n: [] for n in self.live}
         with torch.no_grad():
-            for _ in range(reps):
-                for name, fn in self.live.items():
+            for rep in range(reps):
+                for name in rotated(list(self.live), rep):
+                    fn = self.live[name]
                     t0 = time.perf_counter()
                     fn()
                     batch[name].append((time.perf_counter() - t0) * 1e3)

@@ -27,16 +27,14 @@ Faces:
 """
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from qhl.codegen import quant
-from qhl.codegen.w8a8 import dequant_epilogue, int8_gemm_cpu
-from qhl.runtime.packed import on_repack
+from qhl.codegen.w8a8 import int8_linear_cpu
+from qhl.runtime.packed import DerivedCache
 
 __all__ = ["w4a8_linear", "w4a4_linear", "w4ax_linear_spec", "ACT_BITS", "quantize_activations", "unpacked_codes",
            "CPU_UNPACKED_CACHE"]
@@ -70,33 +68,12 @@ def quantize_activations(x2: Tensor, hadamard_block: int, bits: int) -> tuple[Te
 # time a w4a8 layer then holds 1.5 bytes per weight on CPU; the compiled artifact and the ONNX
 # file stay 4-bit. Set CPU_UNPACKED_CACHE = False to unpack on every call (0.5 bytes, slower).
 CPU_UNPACKED_CACHE = True
-_unpacked = WeakIdKeyDictionary()  # packed tensor (by identity) -> (its version, int8 codes)
-_unpacked_lock = threading.Lock()
-
-
-def _version(t: Tensor) -> int | None:
-    return None if t.is_inference() else t._version
-
-
-@on_repack
-def _forget(buffer: Tensor) -> None:
-    with _unpacked_lock:
-        _unpacked.pop(buffer, None)
+_unpacked = DerivedCache(lambda packed: quant.unpack_int4_signed(packed).contiguous())
 
 
 def unpacked_codes(w_packed: Tensor) -> Tensor:
     """int8 [N, K] codes of a packed weight, cached per packed tensor when CPU_UNPACKED_CACHE."""
-    if not CPU_UNPACKED_CACHE:
-        return quant.unpack_int4_signed(w_packed)
-    version = _version(w_packed)
-    hit = _unpacked.get(w_packed)
-    if hit is not None and hit[0] == version:
-        return hit[1]
-    with torch.inference_mode(False):  # usable in and out of inference mode
-        codes = quant.unpack_int4_signed(w_packed).contiguous()
-    with _unpacked_lock:
-        _unpacked[w_packed] = (version, codes)
-    return codes
+    return _unpacked(w_packed) if CPU_UNPACKED_CACHE else quant.unpack_int4_signed(w_packed)
 
 
 def w4ax_linear_spec(
@@ -109,10 +86,13 @@ def w4ax_linear_spec(
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], n))
-    xq, xs = quantize_activations(x2, hadamard_block, bits)
     if quant._cpu_fast_path_ok(x, w_packed, w_scale, bias):
         ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
-        return dequant_epilogue(int8_gemm_cpu(xq, unpacked_codes(w_packed), ws), xs, bias, x, n)
+        # Unrotated: int8_linear_cpu quantizes (fused where it can); rotated: the Hadamard op does.
+        xq, xs = quantize_activations(x2, hadamard_block, bits) if hadamard_block >= 0 else (None, None)
+        y = int8_linear_cpu(x2, unpacked_codes(w_packed), ws, bias, x.dtype, bits, xq, xs)
+        return y.reshape(*x.shape[:-1], n)
+    xq, xs = quantize_activations(x2, hadamard_block, bits)
     wq = quant.unpack_int4_signed(w_packed)  # int8 [N, K], per call
     # [N, K] contiguous: the transposed view is the layout _int_mm is fast on (as in w8a8).
     acc = torch._int_mm(xq, wq.t())

@@ -13,31 +13,105 @@ dequantize (+ bias) is the epilogue. Faces:
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from qhl.codegen import quant
+from qhl.codegen import cpu_fused, quant
+from qhl.runtime.packed import DerivedCache
 
-__all__ = ["w8a8_linear", "w8a8_linear_spec", "int8_gemm_cpu", "dequant_epilogue"]
+__all__ = ["w8a8_linear", "w8a8_linear_spec", "w8a8_linear_decomposed", "int8_linear_cpu", "int8_gemm_cpu",
+           "dequant_epilogue"]
 
 
-# CPU: which GEMM formulation, by the number of tokens M (measured in benchmarks/cpu_spec_notes.md).
-# M = 1 (a GEMV) is oneDNN's fastest s8 x s8 shape per token, so up to a few tokens run one GEMV
-# each. Above that its s8 x s8 GEMM is much faster as acc^T = Wq @ q^T than as q @ Wq^T for
-# small/medium M (the transpose back is paid in the epilogue). For large M, u8 x s8 (VNNI-native)
-# wins once the transposed epilogue is counted: q + 128 as uint8, and one extra activation row of
-# 128s whose output row is the compensation 128 * sum_k Wq[n, k], subtracted exactly in int32.
+# CPU: which GEMM formulation, by the number of tokens M and the CPU (measured in
+# benchmarks/cpu_spec_notes.md). oneDNN runs `_int_mm` on AMX tiles where the CPU has them, and
+# the best formulation differs:
+#   with AMX    M = 1: u8 x s8 (q + 128 as uint8; the compensation 128 * sum_k Wq[n, k] is
+#               computed once per weight and subtracted exactly in int32), 2x the s8 GEMV;
+#               M >= 2: the transposed GEMM acc^T = Wq @ q^T, 1.2-1.4x q @ Wq^T at 16-512 tokens.
+#   without     M <= 4: one s8 GEMV per token, oneDNN's fastest shape per token;
+#               5 <= M <= 256: the transposed GEMM; M > 256: u8 x s8 (VNNI-native).
+# The transposed result is read back inside the fused epilogue (codegen/cpu_fused.py); the eager
+# fallback pays one transpose-copy instead.
 _ROWWISE_MAX_M = 4
 _TRANSPOSED_MAX_M = 256
 
 
+@functools.cache
+def _cpu_has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def _cpu_plan(m: int) -> str:
+    """'u8', 'cols' (the transposed GEMM) or 'rows' (one GEMV per token) for M tokens here."""
+    if _cpu_has_amx():
+        return "u8" if m == 1 else "cols"
+    if m <= _ROWWISE_MAX_M:
+        return "rows"
+    return "cols" if m <= _TRANSPOSED_MAX_M else "u8"
+
+
+# 128 * sum_k Wq[n, k] (int32 [N]) of each int8 weight, for the u8 formulation: exact in int32
+# for K < 2^31 / (127 * 128) ~ 132000.
+_u8_compensation = DerivedCache(lambda w_int8: w_int8.sum(dim=1, dtype=torch.int32).mul_(128))
+
+
+def int8_linear_cpu(
+    x2: Tensor, w_int8: Tensor, ws: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype, bits: int = 8,
+    codes: Optional[Tensor] = None, xs: Optional[Tensor] = None,
+) -> Tensor:
+    """y [M, N] = (Q(x2) @ w_int8^T) * ws * s_x (+ b) in out_dtype, on plain CPU tensors.
+
+    Q is the per-token quantizer with `bits`-bit codes (quant.quantize_per_token_bits), or
+    the given (codes int8 [M, K], xs float32 [M, 1]) when the caller quantized already (the fused
+    Hadamard prologue). w_int8 [N, K] contiguous int8, ws float32 [N]. The int32 sums are exact;
+    the prologue and epilogue are fused (codegen/cpu_fused.py) where Inductor can compile.
+    """
+    if not cpu_fused.enabled():
+        if codes is None:
+            codes, xs = _eager_codes(x2, bits)
+        return dequant_epilogue(int8_gemm_cpu(codes, w_int8, ws), xs, bias, out_dtype)
+    plan = _cpu_plan(x2.shape[0])
+    if codes is None:
+        qmax = (1 << (bits - 1)) - 1
+        codes, xs = cpu_fused.per_token_codes(x2, qmax, 128 if plan == "u8" else 0)
+    elif plan == "u8":
+        codes = codes.view(torch.uint8) ^ 0x80  # q + 128 for q in [-127, 127]
+    if plan == "cols":
+        return cpu_fused.epilogue_cols(torch._int_mm(w_int8, codes.t()), ws, xs, bias, out_dtype)
+    if plan in ("u8", "s8"):
+        acc = torch._int_mm(codes, w_int8.t())
+        comp = _u8_compensation(w_int8) if plan == "u8" else None
+        return cpu_fused.epilogue_rows(acc, comp, ws, xs, bias, out_dtype)
+    acc = torch.empty(codes.shape[0], w_int8.shape[0], dtype=torch.int32)
+    for i in range(codes.shape[0]):
+        torch._int_mm(codes[i : i + 1], w_int8.t(), out=acc[i : i + 1])
+    return cpu_fused.epilogue_rows(acc, None, ws, xs, bias, out_dtype)
+
+
+def _eager_codes(x2: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """The eager prologue: quant.quantize_per_token_bits bit for bit. Above a few tokens (8-bit)
+    the codes stay float (the rounded, clamped quotients, in a reused buffer), and the GEMM
+    converts them straight into the layout it reads."""
+    m, k = x2.shape
+    if bits != 8 or m <= _ROWWISE_MAX_M:
+        return quant.quantize_per_token_bits(x2, bits)
+    xf = x2.float()
+    xs = quant._per_token_scale(xf)
+    codes = torch.div(xf, xs, out=quant._scratch("w8a8.v", (m, k), torch.float32))
+    return codes.round_().clamp_(-quant.INT8_QMAX, quant.INT8_QMAX), xs
+
+
 def int8_gemm_cpu(codes: Tensor, w_int8: Tensor, ws: Tensor) -> Tensor:
-    """(codes @ w_int8.T) * ws as a fresh float32 [M, N], the int32 sums exact, on the CPU
-    formulation chosen by M (above). `codes` [M, K] holds integers in [-127, 127], as int8 or as
-    float32 (the rounded, clamped quotients, converted here straight into the layout the GEMM
-    reads); w_int8 [N, K] contiguous int8; ws float32 [N]. Scratch buffers are reused per thread."""
+    """(codes @ w_int8.T) * ws as a fresh float32 [M, N], the int32 sums exact, on the eager
+    formulation chosen by M (the measured table for a CPU without AMX, above). `codes` [M, K]
+    holds integers in [-127, 127], as int8 or as float32 (converted here straight into the layout
+    the GEMM reads); w_int8 [N, K] contiguous int8; ws float32 [N]. Scratch buffers are reused per
+    thread."""
     m, k = codes.shape
     n = w_int8.shape[0]
     if m <= _ROWWISE_MAX_M:
@@ -67,13 +141,13 @@ def int8_gemm_cpu(codes: Tensor, w_int8: Tensor, ws: Tensor) -> Tensor:
     return y.mul_(ws)
 
 
-def dequant_epilogue(y: Tensor, xs: Tensor, bias: Optional[Tensor], x: Tensor, n: int) -> Tensor:
-    """y = acc * s_w (fresh float32 [M, N]) -> y * s_x (+ b), in x's dtype and leading shape."""
+def dequant_epilogue(y: Tensor, xs: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """y = acc * s_w (fresh float32 [M, N]) -> y * s_x (+ b), in out_dtype."""
     if bias is not None:
         y = torch.addcmul(bias.float(), y, xs, out=y)
     else:
         y.mul_(xs)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return y.to(out_dtype)
 
 
 def w8a8_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -81,20 +155,42 @@ def w8a8_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[
     if not (quant._cpu_fast_path_ok(x, w_int8, w_scale, bias) and w_int8.is_contiguous()):
         return _w8a8_linear_generic(x, w_int8, w_scale, bias)
     x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    if m == 0:
+    if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], n))
     ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
-    if m <= _ROWWISE_MAX_M:
-        codes, xs = quant.quantize_per_token(x2)
+    return int8_linear_cpu(x2, w_int8, ws, bias, x.dtype).reshape(*x.shape[:-1], n)
+
+
+def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]):
+    """The spec in aten ops, for Inductor's CPU codegen (runtime/inductor_cpu.py): the per-token
+    prologue and the dequantize epilogue become fused C++ loops around an extern `_int_mm`, and
+    Inductor fuses them with the ops before and after (the previous layer's epilogue, a norm, a
+    residual add). The GEMM formulation is _cpu_plan's for a known token count; with a dynamic
+    token count, the transposed GEMM. Returns NotImplemented (the op stays an opaque call to its
+    CPU face) off the CPU, and for the token counts whose best formulation needs a per-weight
+    cache (the u8 compensation) or a per-token loop."""
+    if x.device.type != "cpu":
+        return NotImplemented
+    n, k = w_int8.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    plan = _cpu_plan(m) if isinstance(m, int) else "cols"
+    if plan == "u8" and not _cpu_has_amx():
+        plan = "s8"  # many tokens without AMX: u8 needs the cached compensation; s8's GEMM is ~4% slower
+    if plan not in ("cols", "s8"):
+        return NotImplemented  # 1 token with AMX (u8), or a few without (one GEMV per token)
+    xf = x2.float()
+    xs = xf.abs().amax(dim=-1, keepdim=True) / quant.INT8_QMAX
+    xs = torch.where(xs > 0, xs, torch.ones_like(xs))
+    q = torch.round(xf / xs).clamp(-quant.INT8_QMAX, quant.INT8_QMAX).to(torch.int8)
+    if plan == "cols":
+        acc = torch.ops.aten._int_mm.default(w_int8, q.t()).t()
     else:
-        # Prologue: quant.quantize_per_token bit for bit (same scale, x / scale, round, clamp),
-        # through a reused buffer; the GEMM converts the float codes into its own layout.
-        xf = x2.float()
-        xs = quant._per_token_scale(xf)
-        codes = torch.div(xf, xs, out=quant._scratch("w8a8.v", (m, k), torch.float32))
-        codes.round_().clamp_(-quant.INT8_QMAX, quant.INT8_QMAX)
-    return dequant_epilogue(int8_gemm_cpu(codes, w_int8, ws), xs, bias, x, n)
+        acc = torch.ops.aten._int_mm.default(q, w_int8.t())
+    y = (acc.float() * w_scale) * xs
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).contiguous().reshape(*x.shape[:-1], n)
 
 
 def _w8a8_linear_generic(

@@ -1,8 +1,10 @@
 """The torch.compile door: `torch.compile(model, backend="qhl", options={"recipe": "w4a16"})`.
 
 Dynamo graph -> AOTAutograd (forward + backward for training, or one inference graph) -> our
-passes on each ATen graph -> the rewritten GraphModule is the compiled callable. On CPU its
-qhl:: ops run their spec faces; on CUDA, their Triton kernels.
+passes on each ATen graph -> the compiled callable. A CPU inference graph is compiled whole by
+Inductor, each qhl op lowered to its aten decomposition where it has one (runtime/inductor_cpu.py;
+recipe knob cpu_codegen="inductor", the default). Otherwise the rewritten GraphModule runs as it
+is: its qhl:: ops on their CPU faces, or on CUDA their Triton kernels.
 
 `qhl.backend("w4a16", group_size=64)` returns the same backend as an object, which also keeps
 what it compiled (`.graphs`, each with its pass records and layer table) for inspection.
@@ -25,6 +27,8 @@ from qhl.graph import TRAINING_META, MatmulInfo, matmul_infos
 from qhl.passes import PRE_AOT, bind
 from qhl.passes.lower_adapters import DECLINED_META, GRAPH_KIND_META
 from qhl.recipes import DEFAULT_RECIPE, Recipe, recipe
+from qhl.codegen import cpu_fused
+from qhl.runtime import inductor_cpu
 from qhl.runtime.packed import GuardedGraph
 
 __all__ = ["QhlBackend", "CompiledGraph", "backend", "qhl_backend"]
@@ -41,6 +45,10 @@ class CompiledGraph:
     passes: list[PassRecord]
     layers: list[MatmulInfo] = field(default_factory=list)
     seconds: float = 0.0
+    # What runs it: "inductor" (CPU inference graphs, runtime/inductor_cpu.py) or "graph" (the
+    # GraphModule: each qhl op on its CPU face or its Triton kernel); why not inductor, if not.
+    codegen: str = "graph"
+    codegen_reason: str | None = None
 
 
 def _concrete(inputs: list[Any]) -> tuple[Any, ...] | None:
@@ -78,7 +86,6 @@ class QhlBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **_: Any):
         from torch._dynamo.backends.common import aot_autograd
-        from torch._functorch.aot_autograd import make_boxed_func
 
         real_inputs = list(example_inputs)
         paths = weight_paths_from_dynamo(gm, real_inputs)
@@ -99,10 +106,11 @@ class QhlBackend:
                     out, records = run_passes(aot_gm, self.recipe, inputs, verify=inputs is not None)
                     attach_kernel_sources(out)
                 compiled = CompiledGraph(kind, out, records, [i for _, i in matmul_infos(out)])
+                runner = self._codegen(kind, out, _fake_inputs, compiled)
                 compiled.seconds = time.perf_counter() - t0
                 self.graphs.append(compiled)
                 _log_summary(kind, compiled)
-                return make_boxed_func(GuardedGraph(out))
+                return runner
 
             return compile_graph
 
@@ -111,6 +119,34 @@ class QhlBackend:
             bw_compiler=compiler("backward"),
             inference_compiler=compiler("inference"),
         )(gm, example_inputs)
+
+    def _codegen(self, kind: str, gm: fx.GraphModule, fake_inputs: list[Any], compiled: CompiledGraph):
+        """The boxed callable for one rewritten graph: Inductor for CPU inference graphs when the
+        recipe asks for it (the default) and it compiles, else the GraphModule itself."""
+        from torch._functorch.aot_autograd import make_boxed_func
+
+        reason = self._inductor_declines(kind, gm, fake_inputs)
+        if reason is None:
+            try:
+                runner = inductor_cpu.compile_inference_graph(gm, fake_inputs)
+                compiled.codegen = "inductor"
+                return runner
+            except Exception as e:  # noqa: BLE001 - the GraphModule below is always a correct fallback
+                reason = f"Inductor failed ({type(e).__name__}: {str(e).strip()[:300]})"
+                log.warning("qhl: %s graph runs op by op: %s", kind, reason)
+        compiled.codegen_reason = reason
+        return make_boxed_func(GuardedGraph(gm))
+
+    def _inductor_declines(self, kind: str, gm: fx.GraphModule, fake_inputs: list[Any]) -> str | None:
+        if self.recipe.cpu_codegen != "inductor":
+            return f"cpu_codegen={self.recipe.cpu_codegen!r}"
+        if kind != "inference":
+            return f"a {kind} graph (training runs the GraphModule)"
+        if not inductor_cpu.is_cpu_graph(gm, fake_inputs):
+            return "not a CPU graph (CUDA runs each op's Triton kernel)"
+        if not cpu_fused.enabled():
+            return f"Inductor cannot compile here: {cpu_fused.disable_reason()}"
+        return None
 
     def _pre_aot(self, gm: fx.GraphModule, real_inputs: list[Any], paths: list[str | None]) -> dict[str, str]:
         """Run the recipe's PRE_AOT passes (lower_adapters) on Dynamo's torch-level graph, in place.
@@ -138,8 +174,9 @@ def _log_summary(kind: str, compiled: CompiledGraph) -> None:
     rewritten = [i for i in compiled.layers if i.form]
     forms = sorted({i.form for i in rewritten})
     log.info(
-        "qhl: %s graph: %d matmuls, %d rewritten %s, %d left as they were (%.2fs)",
-        kind, len(compiled.layers), len(rewritten), forms, len(compiled.layers) - len(rewritten), compiled.seconds,
+        "qhl: %s graph: %d matmuls, %d rewritten %s, %d left as they were; runs on %s (%.2fs)",
+        kind, len(compiled.layers), len(rewritten), forms, len(compiled.layers) - len(rewritten), compiled.codegen,
+        compiled.seconds,
     )
 
 

@@ -64,6 +64,9 @@ class LayerOverride:
         return fnmatch.fnmatchcase(path, self.glob)
 
 
+CPU_CODEGENS = ("inductor", "spec")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What to run, with which knobs, on which layers. Build one with `qhl.recipe(name, **knobs)`."""
@@ -111,6 +114,10 @@ class Recipe:
     rank: int | None = None
     lowrank_k: int = 2
     lowrank_iters: int = 0
+    # How the torch.compile door runs an inference graph on CPU: "inductor" compiles the rewritten
+    # graph whole (fused quantize/dequantize around the int8 GEMMs; runtime/inductor_cpu.py),
+    # "spec" runs the GraphModule, each qhl op on its CPU face (no C++ compile; faster to compile).
+    cpu_codegen: str = "inductor"
     version: int = RECIPE_VERSION
     description: str = ""
 
@@ -121,6 +128,8 @@ class Recipe:
             raise RecipeError(f"weight_clip={self.weight_clip!r}; valid: ['mse', 'none']")
         if self.rotation not in ROTATIONS:
             raise RecipeError(f"rotation={self.rotation!r}; valid: {list(ROTATIONS)}")
+        if self.cpu_codegen not in CPU_CODEGENS:
+            raise RecipeError(f"cpu_codegen={self.cpu_codegen!r}; valid: {list(CPU_CODEGENS)}")
         if self.hadamard_dtype not in ("float32", "activation"):
             raise RecipeError(f"hadamard_dtype={self.hadamard_dtype!r}; valid: ['float32', 'activation']")
         self._check_adapter_knobs()
@@ -331,7 +340,7 @@ KNOBS = (
     "group_size", "symmetric", "weight_clip", "include", "skip", "overrides", "verify", "verify_min_sqnr_db",
     "rotation", "hadamard_block", "hadamard_seed", "hadamard_dtype",
     "adapter", "r", "k", "hybrid_r", "alpha", "dropout",
-    "budget", "rank", "lowrank_k", "lowrank_iters",
+    "budget", "rank", "lowrank_k", "lowrank_iters", "cpu_codegen",
 )
 
 

@@ -9,14 +9,16 @@ re-quantized on a call whose weights did not change; a changed weight never runs
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["PACKED_META", "PackedWeight", "record_packed", "refresh", "GuardedGraph", "on_repack"]
+__all__ = ["PACKED_META", "PackedWeight", "record_packed", "refresh", "GuardedGraph", "on_repack", "DerivedCache"]
 
 log = logging.getLogger(__name__)
 PACKED_META = "qhl_packed"  # gm.meta key: list[PackedWeight]
@@ -41,6 +43,47 @@ def on_repack(hook: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], 
     """Register `hook(buffer)`, called after `refresh` rewrites that buffer in place."""
     _REPACK_HOOKS.append(hook)
     return hook
+
+
+class DerivedCache:
+    """A tensor derived from a packed buffer (the CPU faces' unpacked int4 codes, int8 row sums),
+    computed on first use and kept while that buffer lives (weakly keyed by identity).
+
+    An entry is dropped when its buffer changes: its version counter moves (any in-place write to
+    a normal tensor), or `refresh` re-packs it (the on_repack hook, which also covers inference
+    tensors: they have no version counter).
+    """
+
+    def __init__(self, derive: Callable[[torch.Tensor], torch.Tensor]):
+        self._derive = derive
+        self._entries = WeakIdKeyDictionary()  # buffer -> (its version when derived, derived tensor)
+        self._lock = threading.Lock()
+        on_repack(self.forget)
+
+    @staticmethod
+    def _version(t: torch.Tensor) -> int | None:
+        return None if t.is_inference() else t._version
+
+    def get(self, buffer: torch.Tensor) -> torch.Tensor | None:
+        """The cached tensor derived from `buffer` as it is now, or None."""
+        hit = self._entries.get(buffer)
+        return hit[1] if hit is not None and hit[0] == self._version(buffer) else None
+
+    def __call__(self, buffer: torch.Tensor) -> torch.Tensor:
+        """The tensor derived from `buffer`, computed now if not cached for its current contents."""
+        hit = self.get(buffer)
+        if hit is not None:
+            return hit
+        version = self._version(buffer)
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            derived = self._derive(buffer)
+        with self._lock:
+            self._entries[buffer] = (version, derived)
+        return derived
+
+    def forget(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._entries.pop(buffer, None)
 
 
 def record_packed(gm: fx.GraphModule, packed: PackedWeight) -> None:

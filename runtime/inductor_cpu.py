@@ -1,0 +1,123 @@
+"""CPU codegen for the torch.compile door: the rewritten graph, compiled whole by Inductor.
+
+After the passes, an inference graph on CPU is handed to Inductor (`compile_fx`) with one extra
+decomposition per qhl:: op that has one (the op's spec written in aten ops, beside the op in
+codegen/<form>.py). Inductor then emits fused C++ loops for each quantized layer's prologue and
+epilogue around an extern oneDNN `_int_mm`, fused with the float ops before and after them (a
+layer's dequantize epilogue with the next layer's per-token quantize, RMSNorm, residual adds,
+SiLU), which the per-op CPU faces cannot do. Ops without a decomposition, or for which it declines
+(a token count whose best formulation needs a cached per-weight tensor), stay opaque calls to
+their CPU faces inside the compiled code.
+
+The packed weights are buffers of the rewritten graph; they are lifted to graph inputs and passed
+by reference on every call, so runtime/packed.py's refresh (an in-place re-pack when a source
+weight changed) is seen by the compiled code. Training graphs are not compiled here: their
+forward/backward split and the straight-through gradients stay with the GraphModule.
+
+`compile_inference_graph` raises on any failure; the backend logs the reason and runs the
+GraphModule (each op's CPU face) instead.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+from qhl.runtime.packed import PACKED_META, refresh
+
+__all__ = ["cpu_decompositions", "is_cpu_graph", "lift_constants", "compile_inference_graph"]
+
+log = logging.getLogger(__name__)
+
+
+def cpu_decompositions() -> dict[Any, Callable[..., Any]]:
+    """qhl op overload -> its aten decomposition for Inductor's CPU codegen."""
+    from qhl.codegen.w8a8 import w8a8_linear_decomposed
+
+    return {torch.ops.qhl.w8a8_linear.default: w8a8_linear_decomposed}
+
+
+def _tensors_of(gm: fx.GraphModule, inputs: list[Any]) -> list[torch.Tensor]:
+    consts = [_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    return [t for t in (*inputs, *consts) if isinstance(t, torch.Tensor)]
+
+
+def is_cpu_graph(gm: fx.GraphModule, inputs: list[Any]) -> bool:
+    """True when every tensor the graph reads (inputs and constants) lives on the CPU."""
+    tensors = _tensors_of(gm, inputs)
+    return bool(tensors) and all(t.device.type == "cpu" for t in tensors)
+
+
+def _attr(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def lift_constants(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """A copy of gm whose tensor constants (get_attr: the packed weights) are leading placeholders,
+    and those tensors, in order. The copy owns no state, so Inductor sees every tensor as an input
+    and the caller passes the live buffers on each call."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    consts: list[torch.Tensor] = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and isinstance(_attr(gm, node.target), torch.Tensor):
+            env[node] = graph.placeholder("qhl_const_" + node.target.replace(".", "_"))
+            env[node].meta = dict(node.meta)
+            consts.append(_attr(gm, node.target))
+    for node in gm.graph.nodes:
+        if node not in env:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    return fx.GraphModule(gm, graph), consts
+
+
+def _accepts(decomposition: Callable[..., Any], node: fx.Node, values: dict[fx.Node, Any], fake_mode: Any) -> bool:
+    """Whether `decomposition` lowers this node (it returns NotImplemented to decline, e.g. for a
+    token count whose best formulation needs a per-weight cache). Inductor takes a decomposition
+    for every node of an op or for none, so one decline keeps the op opaque in the whole graph."""
+    def value(a: Any) -> Any:
+        return values[a] if a in values else a.meta["val"]
+
+    args, kwargs = torch.utils._pytree.tree_map_only(fx.Node, value, (node.args, node.kwargs))
+    with fake_mode:
+        return decomposition(*args, **kwargs) is not NotImplemented
+
+
+def compile_inference_graph(gm: fx.GraphModule, fake_inputs: list[Any]) -> Callable[[list[Any]], Any]:
+    """A boxed callable running gm compiled by Inductor with qhl's CPU decompositions."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    t0 = time.perf_counter()
+    lifted, consts = lift_constants(gm)
+    fake_mode = detect_fake_mode(fake_inputs)
+    if fake_mode is None:
+        raise RuntimeError("no fake mode on the example inputs (expected AOTAutograd's)")
+    # Constants have fixed shapes: static, so they add no symbols (and no guards) to the shape env.
+    fake_consts = [fake_mode.from_tensor(c, static_shapes=True) for c in consts]
+    table = dict(select_decomp_table())
+    values = dict(zip([n for n in lifted.graph.nodes if n.op == "placeholder"], [*fake_consts, *fake_inputs]))
+    for op, decomposition in cpu_decompositions().items():
+        nodes = [n for n in lifted.graph.nodes if n.target is op]
+        if nodes and all(_accepts(decomposition, n, values, fake_mode) for n in nodes):
+            table[op] = decomposition
+        elif nodes:
+            log.info("qhl: %s stays a call to its CPU face in this graph (its decomposition declines a node)", op)
+    compiled = compile_fx(lifted, [*fake_consts, *fake_inputs], decompositions=table)
+    records = list(gm.meta.get(PACKED_META, []))
+    log.info("qhl: Inductor compiled the CPU graph (%d constants) in %.1fs", len(consts), time.perf_counter() - t0)
+
+    def run(args: list[Any]) -> Any:
+        if records:
+            refresh(gm, records)
+        return compiled(*consts, *args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run

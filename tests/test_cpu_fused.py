@@ -1,0 +1,207 @@
+"""The CPU codegen of the int8 GEMM forms: the fused prologue/epilogue (codegen/cpu_fused.py), each
+GEMM formulation (codegen/w8a8.py), and whole-graph Inductor for the torch.compile door
+(runtime/inductor_cpu.py), each held to the spec."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import qhl
+from qhl.codegen import cpu_fused, quant, w8a8
+
+pytestmark = pytest.mark.skipif(not cpu_fused.enabled(), reason=f"no Inductor here: {cpu_fused.disable_reason()}")
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _tied_rows(m: int, k: int, qmax: int) -> torch.Tensor:
+    """Rows whose quotients x / s land exactly on k + 0.5 (round half to even decides them), a
+    zero row, and a row with one huge outlier."""
+    torch.manual_seed(m * 31 + qmax)
+    x = torch.randn(m, k) * 3
+    s = x[0].abs().amax() / qmax
+    x[0, :32] = (torch.arange(32) - 16 + 0.5) * s
+    if m > 2:
+        x[1] = 0
+        x[2, 5] = 1e6
+    return x
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 300])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_fused_prologue_is_the_per_token_quantizer_bit_for_bit(m, bits, dtype):
+    """Codes and scales equal quant.quantize_per_token_bits exactly (ties, zero rows, outliers),
+    as int8 and as the uint8 q + 128 of the u8 formulation."""
+    qmax = (1 << (bits - 1)) - 1
+    x = _tied_rows(m, 256, qmax).to(dtype)
+    q_ref, s_ref = quant.quantize_per_token_bits(x, bits)
+    q, s = cpu_fused.per_token_codes(x, qmax, 0)
+    assert q.dtype == torch.int8 and torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    qu, su = cpu_fused.per_token_codes(x, qmax, 128)
+    assert qu.dtype == torch.uint8 and torch.equal(su, s_ref)
+    assert torch.equal(qu.to(torch.int16) - 128, q_ref.to(torch.int16))
+
+
+@pytest.mark.parametrize("plan", ["u8", "cols", "s8", "rows"])
+@pytest.mark.parametrize("m", [1, 3, 64, 300])
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_gemm_formulation_computes_the_spec(plan, m, bias, monkeypatch):
+    """Each formulation int8_linear_cpu can choose gives the fake-quant reference (float64) to
+    float32 accumulation noise (1e-6 relative: the int32 sums are exact, only the float32 scale
+    products round), for any token count."""
+    monkeypatch.setattr(w8a8, "_cpu_plan", lambda m_: plan)
+    w, x = torch.randn(96, 512), torch.randn(m, 512)
+    b = torch.randn(96) if bias else None
+    wq, ws = quant.quantize_int8_per_channel(w)
+    out = w8a8.int8_linear_cpu(x, wq, ws, b, torch.float32)
+    assert out.shape == (m, 96) and out.dtype == torch.float32
+    assert _rel_err(out, quant.fake_quant_w8a8_linear(x, w, b)) < 1e-6
+
+
+def test_u8_compensation_follows_an_in_place_weight_change(monkeypatch):
+    """The u8 formulation's cached 128 * sum_k Wq[n, k] is dropped when the int8 weight changes in
+    place, so the next call is the new weight's product, not a stale one."""
+    monkeypatch.setattr(w8a8, "_cpu_plan", lambda m_: "u8")
+    w, x = torch.randn(64, 256), torch.randn(1, 256)
+    wq, ws = quant.quantize_int8_per_channel(w)
+    first = w8a8.int8_linear_cpu(x, wq, ws, None, torch.float32)
+    assert torch.equal(w8a8._u8_compensation.get(wq), wq.sum(1, dtype=torch.int32) * 128)
+    w2 = torch.randn(64, 256)
+    wq2, ws2 = quant.quantize_int8_per_channel(w2)
+    wq.copy_(wq2)
+    second = w8a8.int8_linear_cpu(x, wq, ws2, None, torch.float32)
+    assert _rel_err(second, quant.fake_quant_w8a8_linear(x, w2, None)) < 1e-6
+    assert not torch.allclose(first, second)
+
+
+def test_eager_fallback_when_the_fused_path_is_off(monkeypatch):
+    """QHL_CPU_FUSED=0 turns the fused path off (enabled() says why) and the CPU face gives the
+    same result through its eager formulations."""
+    w, x, b = torch.randn(48, 128), torch.randn(5, 128), torch.randn(48)
+    wq, ws = quant.quantize_int8_per_channel(w)
+    fused = qhl.codegen.w8a8.w8a8_linear(x, wq, ws, b)
+    monkeypatch.setenv(cpu_fused.ENV_FLAG, "0")
+    assert not cpu_fused.enabled() and cpu_fused.disable_reason() == "QHL_CPU_FUSED=0"
+    eager = qhl.codegen.w8a8.w8a8_linear(x, wq, ws, b)
+    torch.testing.assert_close(eager, fused, rtol=1e-6, atol=1e-6)
+
+
+def test_a_failing_compile_falls_back_to_the_same_math(monkeypatch, caplog):
+    """If Inductor cannot compile (a broken toolchain), the call still returns the right codes,
+    the path turns off, and the reason is logged once."""
+    def broken(name):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(cpu_fused, "_compiled", broken)
+    monkeypatch.setattr(cpu_fused, "_disabled", None)
+    x = torch.randn(4, 64)
+    with caplog.at_level(logging.WARNING, logger="qhl.codegen.cpu_fused"):
+        q, s = cpu_fused.per_token_codes(x, 127)
+    assert torch.equal(q, quant.quantize_per_token(x)[0])
+    assert "no compiler" in cpu_fused.disable_reason() and "no compiler" in caplog.text
+    assert not cpu_fused.enabled()
+
+
+# --- whole-graph Inductor (the torch.compile door on CPU) ---------------------------------------
+
+
+def _stack(width: int = 128, depth: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)]).eval()
+
+
+def _reference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rewritten graph run op by op (cpu_codegen="spec"): what Inductor must reproduce."""
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend=qhl.backend("w8a8", cpu_codegen="spec"))(x)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_inductor_graph_equals_the_op_by_op_graph(tokens):
+    """An inference graph compiled whole by Inductor (the default on CPU) gives the op-by-op
+    graph's result: the same codes, so only float32 rounding of the epilogue differs (1e-5)."""
+    model, x = _stack(), torch.randn(tokens, 128)
+    ref = _reference(model, x)
+    torch._dynamo.reset()
+    be = qhl.backend("w8a8")
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(x)
+    assert [g.codegen for g in be.graphs] == ["inductor"]
+    assert be.graphs[0].codegen_reason is None
+    assert _rel_err(out, ref) < 1e-5
+    assert _rel_err(out, model(x)) < 0.05  # and it is still the model (w8a8's error, ~30 dB)
+
+
+def test_inductor_graph_fuses_the_prologue_and_epilogue_around_int_mm():
+    """The w8a8 layers are lowered to aten (their decomposition): the compiled code calls _int_mm
+    directly, with no qhl::w8a8_linear call left."""
+    from torch._inductor.utils import run_and_get_code
+
+    model, x = _stack(), torch.randn(16, 128)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, codes = run_and_get_code(torch.compile(model, backend=qhl.backend("w8a8")), x)
+    source = "\n".join(codes)
+    assert source.count("_int_mm(") == 3
+    assert "qhl.w8a8_linear" not in source.replace("Original ATen: [qhl.w8a8_linear]", "")
+
+
+def test_inductor_graph_sees_weights_changed_in_place():
+    """The packed weights are passed to the compiled code by reference: a weight updated in place
+    is re-packed before the next call (runtime/packed.py) and the result follows it."""
+    model, x = _stack(64, 2), torch.randn(8, 64)
+    torch._dynamo.reset()
+    be = qhl.backend("w8a8")
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        compiled(x)
+        model[0].weight.mul_(-2.0)
+        out = compiled(x)
+    assert be.graphs[0].codegen == "inductor"
+    assert _rel_err(out, _reference(model, x)) < 1e-5
+
+
+def test_training_and_spec_graphs_stay_graph_modules():
+    """Training graphs, and cpu_codegen="spec", run the GraphModule, and say why."""
+    model, x = _stack(64, 2), torch.randn(8, 64)
+    torch._dynamo.reset()
+    be = qhl.backend("w8a8", cpu_codegen="spec")
+    with torch.no_grad():
+        torch.compile(model, backend=be)(x)
+    assert be.graphs[0].codegen == "graph" and be.graphs[0].codegen_reason == "cpu_codegen='spec'"
+    torch._dynamo.reset()
+    be = qhl.backend("w8a8")
+    model.train()
+    torch.compile(model, backend=be)(x.requires_grad_()).sum().backward()
+    assert {g.kind: g.codegen for g in be.graphs} == {"forward": "graph", "backward": "graph"}
+    assert "training" in be.graphs[0].codegen_reason
+
+
+def test_inductor_failure_falls_back_to_the_graph_module(monkeypatch, caplog):
+    """If Inductor fails on a graph, the backend runs the GraphModule (same result) and the
+    compiled graph's record says why."""
+    from qhl.runtime import inductor_cpu
+
+    def broken(gm, inputs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(inductor_cpu, "compile_inference_graph", broken)
+    model, x = _stack(64, 2), torch.randn(8, 64)
+    torch._dynamo.reset()
+    be = qhl.backend("w8a8")
+    with caplog.at_level(logging.WARNING, logger="qhl.compile_backend"), torch.no_grad():
+        out = torch.compile(model, backend=be)(x)
+    assert be.graphs[0].codegen == "graph" and "boom" in be.graphs[0].codegen_reason
+    assert "boom" in caplog.text
+    assert _rel_err(out, _reference(model, x)) < 1e-6
+
+
+def test_unknown_cpu_codegen_is_a_recipe_error():
+    with pytest.raises(qhl.RecipeError, match="cpu_codegen='tvm'; valid: \\['inductor', 'spec'\\]"):
+        qhl.recipe("w8a8", cpu_codegen="tvm")
