@@ -49,6 +49,7 @@ class CompiledGraph:
     # GraphModule: each qhl op on its CPU face or its Triton kernel); why not inductor, if not.
     codegen: str = "graph"
     codegen_reason: str | None = None
+    codegen_seconds: float = 0.0  # of `seconds`: the Inductor compile
 
 
 def _concrete(inputs: list[Any]) -> tuple[Any, ...] | None:
@@ -127,9 +128,11 @@ class QhlBackend:
 
         reason = self._inductor_declines(kind, gm, fake_inputs)
         if reason is None:
+            t0 = time.perf_counter()
             try:
                 runner = inductor_cpu.compile_inference_graph(gm, fake_inputs)
                 compiled.codegen = "inductor"
+                compiled.codegen_seconds = time.perf_counter() - t0
                 return runner
             except Exception as e:  # noqa: BLE001 - the GraphModule below is always a correct fallback
                 reason = f"Inductor failed ({type(e).__name__}: {str(e).strip()[:300]})"

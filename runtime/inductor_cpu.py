@@ -37,8 +37,12 @@ log = logging.getLogger(__name__)
 def cpu_decompositions() -> dict[Any, Callable[..., Any]]:
     """qhl op overload -> its aten decomposition for Inductor's CPU codegen."""
     from qhl.codegen.w8a8 import w8a8_linear_decomposed
+    from qhl.codegen.w8a16 import w8a16_linear_decomposed
 
-    return {torch.ops.qhl.w8a8_linear.default: w8a8_linear_decomposed}
+    return {
+        torch.ops.qhl.w8a8_linear.default: w8a8_linear_decomposed,
+        torch.ops.qhl.w8a16_linear.default: w8a16_linear_decomposed,
+    }
 
 
 def _tensors_of(gm: fx.GraphModule, inputs: list[Any]) -> list[torch.Tensor]:
