@@ -205,3 +205,24 @@ def test_inductor_failure_falls_back_to_the_graph_module(monkeypatch, caplog):
 def test_unknown_cpu_codegen_is_a_recipe_error():
     with pytest.raises(qhl.RecipeError, match="cpu_codegen='tvm'; valid: \\['inductor', 'spec'\\]"):
         qhl.recipe("w8a8", cpu_codegen="tvm")
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_w8a16_is_lowered_to_a_gemv_at_one_token_only(tokens):
+    """w8a16 at 1 token becomes Inductor's int8 GEMV (no qhl::w8a16_linear call in the compiled
+    code); at 2 tokens its decomposition declines and the op stays a call to its CPU face. Both
+    equal the op-by-op graph to float32 rounding."""
+    from torch._inductor.utils import run_and_get_code
+
+    model, x = _stack(), torch.randn(tokens, 128)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = torch.compile(model, backend=qhl.backend("w8a16", cpu_codegen="spec"))(x)
+    torch._dynamo.reset()
+    be = qhl.backend("w8a16")
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model, backend=be), x)
+    assert be.graphs[0].codegen == "inductor"
+    calls = "\n".join(codes).count("torch.ops.qhl.w8a16_linear.default(")
+    assert calls == (0 if tokens == 1 else 3)
+    assert _rel_err(out, ref) < 1e-5
