@@ -46,6 +46,9 @@ def machine(*packages: str) -> dict[str, Any]:
                 **versions, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 qhl=qhl_sources(),
+                # PyTorch's CPU allocator backs buffers >= 2 MiB with transparent huge pages when this
+                # is set (read once, at the first allocation): it changes large-M timings
+                thp_mem_alloc_enable=os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
                 load_avg_1m=round(os.getloadavg()[0], 2))
 
 

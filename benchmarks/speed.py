@@ -12,7 +12,8 @@ noisy neighbour or a cache another variant evicted slows all of them alike, and 
 spread over the run; the spread of the per-round ratios is reported too.
 Writes benchmarks/results/speed_cpu.{json,md}.
 
-    .venv/bin/python benchmarks/speed.py [--quick] [--reps 7] [--rounds 3]
+    .venv/bin/python benchmarks/speed.py [--quick] [--reps 7] [--rounds 3] [--threads 1]
+    THP_MEM_ALLOC_ENABLE=1 .venv/bin/python benchmarks/speed.py     # huge pages for torch's buffers
 """
 from __future__ import annotations
 
@@ -216,7 +217,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"### CPU speed - {m['date']}", "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), 1-min load average "
-        f"{m['load_avg_1m']} at start (> 1 means other processes shared the cores); torch {m['torch']}, "
+        f"{m['load_avg_1m']} at start (> 1 means other processes shared the cores); THP_MEM_ALLOC_ENABLE "
+        f"{m.get('thp_mem_alloc_enable', 'unset')}; torch {m['torch']}, "
         f"torchao {m['torchao']}; qhl sources {m['qhl']['sha256']} ({m['qhl']['newest_file']}, "
         f"{m['qhl']['newest_mtime']}). Median of {res['args']['rounds']} rounds x {res['args']['reps']} calls "
         f"after {res['args']['warmup']} warmup calls, variants round-robin; whole compiled call timed (activation "
@@ -297,6 +299,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     md = markdown(res)
     suffix = ("_quick" if args.quick else "") + (f"_threads{args.threads}" if args.threads else "")
+    suffix += "_thp" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else ""
     (RESULTS / f"speed_cpu{suffix}.json").write_text(json.dumps(_json_safe(res), indent=2) + "\n")
     (RESULTS / f"speed_cpu{suffix}.md").write_text(md)
     print(md)
