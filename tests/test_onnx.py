@@ -198,8 +198,8 @@ def test_int4_spec_is_blocked_uint4_dequantize_linear():
     """quant.dequantize_int4_groupwise == DequantizeLinear(uint4 codes^T, s^T, z^T, axis=0, block_size=g)."""
     torch.manual_seed(0)
     w = torch.randn(24, 64)
-    for symmetric in (True, False):
-        packed, s, z = quant.quantize_int4_groupwise(w, 32, symmetric)
+    for symmetric, clip in ((True, "none"), (True, "grid"), (False, "none")):  # "grid": code 0 too
+        packed, s, z = quant.quantize_int4_groupwise(w, 32, symmetric, clip)
         want = quant.dequantize_int4_groupwise(packed, s, z, 32).t().numpy()
         codes = quant.unpack_int4(packed).t().contiguous().numpy()
         node = onnx.helper.make_node("DequantizeLinear", ["c", "s", "z"], ["w"], axis=0, block_size=32)

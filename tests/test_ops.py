@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import qhl
 import qhl.codegen  # noqa: F401  (registers the ops)
 from qhl.codegen import quant
 
@@ -30,8 +31,10 @@ def _w8(n=24, k=64):
 
 
 def _w4(n=24, k=128, g=32, symmetric=True):
+    """A random weight and its int4 packing; symmetric ones on the w4a16 preset's "grid" scales,
+    so the faces see code 0 (q = -8) too."""
     w = torch.randn(n, k)
-    return w, *quant.quantize_int4_groupwise(w, g, symmetric)
+    return w, *quant.quantize_int4_groupwise(w, g, symmetric, "grid" if symmetric else "none")
 
 
 # --- spec face vs fake-quant reference -----------------------------------------------------------
@@ -70,7 +73,8 @@ def test_w4a16_spec_matches_fake_quant(group_size, symmetric):
     b = torch.randn(24)
     out = qops.w4a16_linear(x, packed, scale, zero, group_size, b)
     assert out.shape == (2, 5, 24)
-    assert _rel_err(out, quant.fake_quant_w4a16_linear(x, w, b, group_size, symmetric)) < 1e-5
+    clip = "grid" if symmetric else "none"
+    assert _rel_err(out, quant.fake_quant_w4a16_linear(x, w, b, group_size, symmetric, clip)) < 1e-5
 
 
 def test_w8a8_int32_accumulation_is_exact():
@@ -101,7 +105,7 @@ def test_half_precision_inputs(form, dtype):
     if form == "w4a16":
         w, *packed = _w4(k=128, g=64)
         out = qops.w4a16_linear(x, *packed, 64, b)
-        ref = quant.fake_quant_w4a16_linear(x, w, b, 64)
+        ref = quant.fake_quant_w4a16_linear(x, w, b, 64, True, "grid")
     else:
         w, wq, ws = _w8(k=128)
         out = getattr(qops, f"{form}_linear")(x, wq, ws, b)
@@ -274,3 +278,42 @@ def test_grad_face_half_precision_keeps_dtypes():
     qops.w8a16_linear(x, wq, ws, b).float().sum().backward()
     assert x.grad.dtype == torch.float16 and b.grad.dtype == torch.float16
     assert torch.isfinite(x.grad).all()
+
+
+# --- the int4 "grid" scale choice (weight_clip="grid", the w4a16 preset's default) ---------------
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_grid_takes_the_closer_of_the_two_symmetric_grids(group_size):
+    """Per group, the dequantized weight is exactly one of the two candidates (amax/7 on [-7, 7],
+    amax/7.5 on [-8, 7]), the one with the smaller squared error; both are chosen somewhere on a
+    Gaussian weight, and the wide grid's code 0 (q = -8) occurs."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    n, k = w.shape
+    groups = w.reshape(n, k // group_size, group_size)
+    amax = groups.abs().amax(-1, keepdim=True)
+    narrow = torch.round(groups / (amax / 7)).clamp(-7, 7) * (amax / 7)
+    wide = torch.round(groups / (amax / 7.5)).clamp(-8, 7) * (amax / 7.5)
+    packed, scale, zero = quant.quantize_int4_groupwise(w, group_size, True, "grid")
+    got = quant.dequantize_int4_groupwise(packed, scale, zero, group_size).reshape(groups.shape)
+    e_narrow = (narrow - groups).pow(2).sum(-1)
+    e_wide = (wide - groups).pow(2).sum(-1)
+    want = torch.where((e_wide < e_narrow)[..., None], wide, narrow)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert 0 < int((e_wide < e_narrow).sum()) < e_wide.numel()  # each grid wins somewhere
+    assert int((quant.unpack_int4(packed) == 0).sum()) > 0 and torch.all(zero == 8)
+    # never worse than plain rounding, group by group
+    plain = quant.dequantize_int4_groupwise(*quant.quantize_int4_groupwise(w, group_size, True), group_size)
+    assert torch.all((got - groups).pow(2).sum(-1) <= (plain.reshape(groups.shape) - groups).pow(2).sum(-1) + 1e-9)
+
+
+def test_int4_grid_is_plain_rounding_for_asymmetric_groups_and_refused_per_channel():
+    w = torch.randn(16, 64)
+    for a, b in zip(quant.quantize_int4_groupwise(w, 32, False, "grid"), quant.quantize_int4_groupwise(w, 32, False)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="'grid' is group-wise only"):
+        quant.quantize_int4_per_channel(w, "grid")
+    assert qhl.recipe("w4a16").weight_clip == "grid"
+    with pytest.raises(qhl.RecipeError, match="per-channel int4 takes 'mse' or 'none'"):
+        qhl.recipe("w4a8", weight_clip="grid")

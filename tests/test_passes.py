@@ -262,8 +262,8 @@ def test_select_overrides_keep_float_and_per_layer_group_size():
         ],
     )
     _, infos = _selected(recipe=recipe)
-    assert infos["blocks.0.up"].knobs == {"form": "w4a16", "group_size": 128, "symmetric": True, "weight_clip": "none"}
-    assert infos["blocks.0.down"].knobs == {"form": "w4a16", "group_size": 32, "symmetric": True, "weight_clip": "none"}
+    assert infos["blocks.0.up"].knobs == {"form": "w4a16", "group_size": 128, "symmetric": True, "weight_clip": "grid"}
+    assert infos["blocks.0.down"].knobs == {"form": "w4a16", "group_size": 32, "symmetric": True, "weight_clip": "grid"}
     for path in ("blocks.1.up", "blocks.1.down"):
         assert not infos[path].selected
         assert infos[path].reason == "override 'blocks.1.*' keeps this layer float"
@@ -345,9 +345,10 @@ def test_quantize_int8_forms(form):
 
 @pytest.mark.parametrize("group_size,symmetric", [(32, True), (64, False), (128, True)])
 def test_quantize_w4a16(group_size, symmetric):
-    model, x, before, res = _quantized(qhl.recipe("w4a16", group_size=group_size, symmetric=symmetric))
+    recipe = qhl.recipe("w4a16", group_size=group_size, symmetric=symmetric)
+    model, x, before, res = _quantized(recipe)
     w, b = model[0].weight.detach(), model[0].bias.detach()
-    packed_ref, scale_ref, zero_ref = quant.quantize_int4_groupwise(w, group_size, symmetric)
+    packed_ref, scale_ref, zero_ref = quant.quantize_int4_groupwise(w, group_size, symmetric, recipe.weight_clip)
     groups = 128 // group_size
 
     def expected(w_in, b_in, x_in):
@@ -368,7 +369,7 @@ def test_quantize_w4a16(group_size, symmetric):
     [(_, info)] = matmul_infos(res.gm)
     assert info.weight_bytes_after == 48 * 64 + 48 * groups * 5
 
-    ref = quant.fake_quant_w4a16_linear(x, w, b, group_size, symmetric)
+    ref = quant.fake_quant_w4a16_linear(x, w, b, group_size, symmetric, recipe.weight_clip)
     [out] = run_graph(res.gm)
     assert (out.double() - ref).norm() <= 1e-5 * ref.norm()
     _idempotent(quantize_linear, res.gm)

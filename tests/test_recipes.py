@@ -135,7 +135,7 @@ def test_layer_knobs_order_overrides_skip_include():
     )
     assert r.layer_knobs("model.layers.0.mlp.up_proj") == (None, "override 'model.layers.0.*' keeps this layer float")
     # an override wins over the skip list
-    assert r.layer_knobs("lm_head")[0] == {"form": "w8a16", "group_size": 128, "symmetric": True, "weight_clip": "none"}
+    assert r.layer_knobs("lm_head")[0] == {"form": "w8a16", "group_size": 128, "symmetric": True, "weight_clip": "grid"}
     assert r.layer_knobs("pooler.dense") == (None, "not matched by the recipe's include globs ['model.*', 'lm_head']")
     assert r.layer_knobs("model.layers.1.mlp.up_proj")[0]["form"] == "w4a16"
 

@@ -135,7 +135,9 @@ def test_w8a16_matches_spec(x_shape, N, dtype, with_bias):
 def test_w4a16_matches_spec(x_shape, N, group_size, symmetric, dtype, with_bias):
     K = x_shape[-1]
     x = torch.randn(x_shape).to(dtype).to(DEVICE)
-    packed, scale, zero = quant.quantize_int4_groupwise(torch.randn(N, K), group_size, symmetric)
+    # symmetric weights on the preset's "grid" scales: the kernel sees code 0 (q = -8) too
+    packed, scale, zero = quant.quantize_int4_groupwise(torch.randn(N, K), group_size, symmetric,
+                                                        "grid" if symmetric else "none")
     bias = torch.randn(N).to(dtype) if with_bias else None
     args = [t.to(DEVICE) for t in (packed, scale, zero)]
     y = w4a16_linear_triton(x, *args, group_size, None if bias is None else bias.to(DEVICE))
