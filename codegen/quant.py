@@ -103,9 +103,12 @@ def unpack_int4(packed: Tensor) -> Tensor:
 # Measured on SmolLM2-135M, 4x512 tokens (logits SQNR / perplexity, float32 30.88):
 #   g64, all 210 layers:        plain 2.75 dB / 47.81   mse 7.28 dB / 41.39   grid 6.77 dB / 41.36
 #   g128 (down_proj only, K=1536): plain 12.16 dB / 34.50  mse 11.26 dB / 34.78  grid 12.30 / 33.94
-# and MiniLM-L6 g128 (mean embedding cosine): plain 0.9228, grid 0.9341, torchao 0.9328.
+# ("grid" with eager fake-quant weights; compiled by qhl it measured 5.69 dB / 41.50 at g64 and
+# 12.22 dB / 34.01 at g128: SmolLM2's all-int4 logits SQNR moves that much with float32 rounding),
+# and MiniLM-L6 g128 (mean embedding cosine): plain 0.9228, grid 0.9340, torchao 0.9328.
 # Least weight error over many clip ratios is not least output error everywhere; the two-grid
-# choice ("grid", symmetric only) wins on both models, so the w4a16 presets use it.
+# choice ("grid", symmetric only) beats plain rounding everywhere measured, and torchao's grid on
+# SmolLM2 g128 and MiniLM's mean cosine, so the w4a16 preset uses it.
 INT4_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 ... 0.6
 WEIGHT_CLIPS = ("grid", "mse", "none")
 

@@ -217,14 +217,16 @@ def mlp_factory() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
 
 
 def fake_quant_module(model: torch.nn.Module, form: str, group_size: int = 128, symmetric: bool = True,
-                      skip: tuple[str, ...] = ("lm_head", "*.lm_head")) -> torch.nn.Module:
+                      skip: tuple[str, ...] = ("lm_head", "*.lm_head"), weight_clip: str | None = None) -> torch.nn.Module:
     """A deep copy of `model` whose nn.Linear / GPT-2 Conv1D layers compute the float64 fake-quant
     reference of `form` (qhl.codegen.quant), cast back to the input dtype: the eager spec of what
-    each rewritten layer must compute."""
+    each rewritten layer must compute. weight_clip None: the preset's (w4a16: "grid")."""
     import fnmatch
 
+    import qhl
     from qhl.codegen import quant
 
+    clip = weight_clip or qhl.recipe(form).weight_clip
     ref = copy.deepcopy(model)
 
     def linear_fn(w_nk: torch.Tensor, b: torch.Tensor | None):
@@ -234,7 +236,7 @@ def fake_quant_module(model: torch.nn.Module, form: str, group_size: int = 128, 
             elif form == "w8a16":
                 y = quant.fake_quant_w8a16_linear(x, w_nk, b)
             else:
-                y = quant.fake_quant_w4a16_linear(x, w_nk, b, group_size, symmetric)
+                y = quant.fake_quant_w4a16_linear(x, w_nk, b, group_size, symmetric, clip)
             return y.to(x.dtype)
 
         return f
