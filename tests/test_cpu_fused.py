@@ -226,3 +226,26 @@ def test_w8a16_is_lowered_to_a_gemv_at_one_token_only(tokens):
     calls = "\n".join(codes).count("torch.ops.qhl.w8a16_linear.default(")
     assert calls == (0 if tokens == 1 else 3)
     assert _rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_w4a16_one_token_gemv_on_cached_codes(symmetric, monkeypatch):
+    """At 1 token the w4a16 CPU face runs an Inductor GEMV over codes unpacked once per packed
+    weight: the fake-quant reference to float32 rounding, the same as the tiled path, and a packed
+    weight changed in place is unpacked again (not served stale from the cache)."""
+    from qhl.codegen import w4a16
+
+    clip = "grid" if symmetric else "none"
+    w, x, b = torch.randn(40, 256), torch.randn(1, 256), torch.randn(40)
+    packed, scale, zero = quant.quantize_int4_groupwise(w, 64, symmetric, clip)
+    out = w4a16.w4a16_linear(x, packed, scale, zero, 64, b)
+    assert w4a16._unpacked.get(packed) is not None
+    assert _rel_err(out, quant.fake_quant_w4a16_linear(x, w, b, 64, symmetric, clip)) < 1e-6
+    w2 = torch.randn(40, 256)
+    p2, s2, z2 = quant.quantize_int4_groupwise(w2, 64, symmetric, clip)
+    packed.copy_(p2)
+    gemv = w4a16.w4a16_linear(x, packed, s2, z2, 64, b)
+    assert _rel_err(gemv, quant.fake_quant_w4a16_linear(x, w2, b, 64, symmetric, clip)) < 1e-6
+    monkeypatch.setattr(w4a16, "CPU_GEMV_CACHE", False)
+    tiled = w4a16.w4a16_linear(x, packed, s2, z2, 64, b)
+    assert _rel_err(tiled, gemv) < 1e-6
