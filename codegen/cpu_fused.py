@@ -1,4 +1,5 @@
-"""Fused CPU prologue and epilogues of the int8 GEMM forms (w8a8, w4a8, w4a4), compiled by Inductor.
+"""Fused CPU prologue and epilogues of the int8 GEMM forms (w8a8, w4a8, w4a4), and w4a16's 1-token
+GEMV (`int4_gemv`, see codegen/w4a16.py), compiled by Inductor.
 
 The CPU faces of these ops are one exact int8 GEMM (`torch._int_mm`, oneDNN) between an
 elementwise prologue and epilogue:
