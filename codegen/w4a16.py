@@ -4,10 +4,11 @@
     y[..., N] = x @ W.T (+ b)
 
 x [..., K] float; packed uint8 [N, K/2]; scale float32 [N, K/g]; zero uint8 [N, K/g] (8 when
-symmetric). Faces: spec (CPU, here: dequantized one cache-sized tile of rows at a time, see
-benchmarks/cpu_spec_notes.md), fake, kernel (codegen/triton/weight_only.py, CUDA: a
-dequantizing GEMM), grad (dx through the dequantized weight; weight frozen), onnx (next issue:
-blocked uint4 DequantizeLinear + MatMul).
+symmetric). Faces: spec (CPU, here: dequantized one cache-sized tile of rows at a time, or at 1
+token an Inductor GEMV over cached unpacked codes, see below and benchmarks/cpu_spec_notes.md),
+fake, kernel (codegen/triton/weight_only.py, CUDA: a dequantizing GEMM), grad (dx through the
+dequantized weight; weight frozen), onnx (codegen/onnx/w4a16.py: blocked uint4
+DequantizeLinear + MatMul).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ CPU_GEMV_CACHE = True
 _unpacked = DerivedCache(lambda packed: quant.unpack_int4(packed).contiguous())
 
 
-def sf_of(scale: Tensor) -> Tensor:
+def _float32(scale: Tensor) -> Tensor:
     return scale if scale.dtype == torch.float32 else scale.float()
 
 
@@ -81,12 +82,12 @@ def w4a16_linear_spec(
     x2 = x.reshape(-1, k).float()
     m = x2.shape[0]
     if m == 1 and CPU_GEMV_CACHE and cpu_fused.enabled():
-        y = cpu_fused.int4_gemv(x2, _unpacked(packed), sf_of(scale), zero, g)
+        y = cpu_fused.int4_gemv(x2, _unpacked(packed), _float32(scale), zero, g)
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
     xp = x2.reshape(m, kh, 2).transpose(1, 2).reshape(m, k)  # [x_even | x_odd]
-    sf = sf_of(scale)
+    sf = _float32(scale)
     # c - z is exact in int8 or float32. Symmetric weights (every zero point 8) subtract an int8
     # scalar (checking costs one pass over the small zero tensor); otherwise subtract per group, in
     # int8 when a half-group fills a 64-byte vector (g >= 128), else in float32 after the convert.

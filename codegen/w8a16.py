@@ -3,9 +3,10 @@
     y[..., N] = (x @ Wq.T) * s_w (+ b)         x [..., K] float, Wq [N, K] int8, s_w [N]
 
 Applying s_w after the product is the same math as x @ (Wq * s_w).T and saves a pass over W.
-Faces: spec (CPU, here: Wq converted to float32 one cache-sized tile of rows at a time), fake,
-kernel (codegen/triton/weight_only.py, CUDA), grad (dx through the dequantized weight; weight
-frozen), onnx (next issue: DequantizeLinear + MatMul).
+Faces: spec (CPU, here: Wq converted to float32 one cache-sized tile of rows at a time; at 1
+token, w8a16_linear_decomposed is the GEMV Inductor's CPU codegen lowers it to), fake, kernel
+(codegen/triton/weight_only.py, CUDA), grad (dx through the dequantized weight; weight frozen),
+onnx (codegen/onnx/w8a16.py: Cast + MatMul + Mul).
 """
 from __future__ import annotations
 

@@ -5,11 +5,14 @@
 Q(x) is qhl::quantize_per_token. The int8 x int8 products accumulate exactly in int32; the
 dequantize (+ bias) is the epilogue. Faces:
   spec    this file (CPU): torch._int_mm, which is exact and is the fast CPU int8 GEMM (the
-          formulation is chosen by M, see below and benchmarks/cpu_spec_notes.md);
+          formulation is chosen by M and the CPU, see below and benchmarks/cpu_spec_notes.md),
+          between a prologue and epilogue fused by Inductor (codegen/cpu_fused.py);
+          w8a8_linear_decomposed is the same math in aten ops, which Inductor's whole-graph CPU
+          codegen lowers the op to (runtime/inductor_cpu.py);
   fake    shape [..., N], dtype of x;
   kernel  codegen/triton/w8a8.py (CUDA): per-token quant prologue + int8 GEMM + dequant epilogue;
   grad    straight-through for x: dx = dy @ (Wq * s_w); db = sum(dy). The weight is frozen;
-  onnx    (next issue) DynamicQuantizeLinear + MatMulInteger.
+  onnx    codegen/onnx/w8a8.py: per-token QuantizeLinear + MatMulInteger + scale multiply.
 """
 from __future__ import annotations
 
@@ -47,7 +50,9 @@ def _cpu_has_amx() -> bool:
 
 
 def _cpu_plan(m: int) -> str:
-    """'u8', 'cols' (the transposed GEMM) or 'rows' (one GEMV per token) for M tokens here."""
+    """'u8', 'cols' (the transposed GEMM) or 'rows' (one GEMV per token) for M tokens here.
+    int8_linear_cpu also takes 's8' (q @ Wq^T), the decomposition's formulation for many tokens
+    without AMX."""
     if _cpu_has_amx():
         return "u8" if m == 1 else "cols"
     if m <= _ROWWISE_MAX_M:
