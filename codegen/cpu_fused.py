@@ -6,7 +6,7 @@ elementwise prologue and epilogue:
 
     prologue   s[m] = amax_k |x[m, k]| / qmax  (1 where not > 0)
                q[m, k] = clamp(round_half_even(x[m, k] / s[m]), -qmax, qmax) + offset
-    GEMM       acc = q @ Wq^T  (int32, exact), or acc^T = Wq @ q^T
+    GEMM       acc = q @ Wq^T  (int32, exact), or acc^T = Wq @ q^T, or acc * s_w from oneDNN
     epilogue   y[m, n] = ((acc[m, n] - comp[n]) * s_w[n]) * s[m] (+ b[n])
 
 Run as eager ops, the prologue and epilogue are 8-10 passes over memory, each a separate
@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["enabled", "disable_reason", "per_token_codes", "epilogue_rows", "epilogue_cols", "int4_gemv"]
+__all__ = ["enabled", "disable_reason", "per_token_codes", "epilogue_rows", "epilogue_scaled", "epilogue_cols",
+           "int4_gemv"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ def _epilogue_rows(acc: Tensor, comp: Optional[Tensor], w_scale: Tensor, x_scale
     if comp is not None:
         acc = acc - comp
     y = (acc.float() * w_scale) * x_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def _epilogue_scaled(y: Tensor, x_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    # y = acc * s_w already (the prepacked oneDNN GEMM, codegen/cpu_onednn.py).
+    y = y * x_scale
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
@@ -83,7 +92,8 @@ def _int4_gemv(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, group_size
 # Compiled per shape: the 1-token GEMV vectorizes its group reduction only with a static group
 # size (0.69 against 0.92 ms on a 4096 x 4096 layer); a model has few distinct layer shapes.
 _STATIC = ("int4_gemv",)
-_FUNCTIONS = {"prologue": _prologue, "rows": _epilogue_rows, "cols": _epilogue_cols, "int4_gemv": _int4_gemv}
+_FUNCTIONS = {"prologue": _prologue, "rows": _epilogue_rows, "scaled": _epilogue_scaled, "cols": _epilogue_cols,
+              "int4_gemv": _int4_gemv}
 
 
 @functools.cache
@@ -141,6 +151,11 @@ def epilogue_rows(acc: Tensor, comp: Optional[Tensor], w_scale: Tensor, x_scale:
                   bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
     """y [M, N] = ((acc - comp) * s_w) * s_x (+ b) from acc int32 [M, N]; comp int32 [N] or None."""
     return _call("rows", acc, comp, w_scale, x_scale, bias, out_dtype)
+
+
+def epilogue_scaled(y: Tensor, x_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """y [M, N] * s_x (+ b) from y = acc * s_w float32 [M, N] (the prepacked oneDNN GEMM's result)."""
+    return _call("scaled", y, x_scale, bias, out_dtype)
 
 
 def epilogue_cols(acc_t: Tensor, w_scale: Tensor, x_scale: Tensor, bias: Optional[Tensor],

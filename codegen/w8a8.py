@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qhl.codegen import cpu_fused, quant
+from qhl.codegen import cpu_fused, cpu_onednn, quant
 from qhl.runtime.packed import DerivedCache
 
 __all__ = ["w8a8_linear", "w8a8_linear_spec", "w8a8_linear_decomposed", "int8_linear_cpu", "int8_gemm_cpu",
@@ -34,7 +34,9 @@ __all__ = ["w8a8_linear", "w8a8_linear_spec", "w8a8_linear_decomposed", "int8_li
 # the best formulation differs:
 #   with AMX    M = 1: u8 x s8 (q + 128 as uint8; the compensation 128 * sum_k Wq[n, k] is
 #               computed once per weight and subtracted exactly in int32), 2x the s8 GEMV;
-#               M >= 2: the transposed GEMM acc^T = Wq @ q^T, 1.2-1.4x q @ Wq^T at 16-512 tokens.
+#               M >= 2: oneDNN's GEMM on the weight prepacked once ('onednn',
+#               codegen/cpu_onednn.py), 1.15-1.5x the transposed GEMM acc^T = Wq @ q^T at 2-512
+#               tokens, which is itself 1.2-1.4x q @ Wq^T ('cols' where PyTorch lacks the ops).
 #   without     M <= 4: one s8 GEMV per token, oneDNN's fastest shape per token;
 #               5 <= M <= 256: the transposed GEMM; M > 256: u8 x s8 (VNNI-native).
 # The transposed result is read back inside the fused epilogue (codegen/cpu_fused.py); the eager
@@ -50,11 +52,11 @@ def _cpu_has_amx() -> bool:
 
 
 def _cpu_plan(m: int) -> str:
-    """'u8', 'cols' (the transposed GEMM) or 'rows' (one GEMV per token) for M tokens here.
-    int8_linear_cpu also takes 's8' (q @ Wq^T), the decomposition's formulation for many tokens
-    without AMX."""
+    """'u8', 'onednn' (prepacked weight), 'cols' (the transposed GEMM) or 'rows' (one GEMV per
+    token) for M tokens here. int8_linear_cpu also takes 's8' (q @ Wq^T), the decomposition's
+    formulation for many tokens without AMX."""
     if _cpu_has_amx():
-        return "u8" if m == 1 else "cols"
+        return "u8" if m == 1 else ("onednn" if cpu_onednn.available() else "cols")
     if m <= _ROWWISE_MAX_M:
         return "rows"
     return "cols" if m <= _TRANSPOSED_MAX_M else "u8"
@@ -86,6 +88,8 @@ def int8_linear_cpu(
         codes, xs = cpu_fused.per_token_codes(x2, qmax, 128 if plan == "u8" else 0)
     elif plan == "u8":
         codes = codes.view(torch.uint8) ^ 0x80  # q + 128 for q in [-127, 127]
+    if plan == "onednn":
+        return cpu_fused.epilogue_scaled(cpu_onednn.int8_mm_scaled_cpu(codes, w_int8, ws), xs, bias, out_dtype)
     if plan == "cols":
         return cpu_fused.epilogue_cols(torch._int_mm(w_int8, codes.t()), ws, xs, bias, out_dtype)
     if plan in ("u8", "s8"):
@@ -171,23 +175,29 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
     prologue and the dequantize epilogue become fused C++ loops around an extern `_int_mm`, and
     Inductor fuses them with the ops before and after (the previous layer's epilogue, a norm, a
     residual add). The GEMM formulation is _cpu_plan's for a known token count; with a dynamic
-    token count, the transposed GEMM. Returns NotImplemented (the op stays an opaque call to its
-    CPU face) off the CPU, and for the token counts whose best formulation needs a per-weight
-    cache (the u8 compensation) or a per-token loop."""
+    token count, the prepacked oneDNN GEMM where the CPU has AMX (an extern qhl::int8_mm_scaled
+    call, codegen/cpu_onednn.py), else the transposed GEMM. Returns NotImplemented (the op stays
+    an opaque call to its CPU face) off the CPU, and for the token counts whose best formulation
+    needs a per-weight cache (the u8 compensation) or a per-token loop."""
     if x.device.type != "cpu":
         return NotImplemented
     n, k = w_int8.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    plan = _cpu_plan(m) if isinstance(m, int) else "cols"
+    plan = _cpu_plan(m) if isinstance(m, int) else ("onednn" if _cpu_plan(2) == "onednn" else "cols")
     if plan == "u8" and not _cpu_has_amx():
         plan = "s8"  # many tokens without AMX: u8 needs the cached compensation; s8's GEMM is ~4% slower
-    if plan not in ("cols", "s8"):
+    if plan not in ("onednn", "cols", "s8"):
         return NotImplemented  # 1 token with AMX (u8), or a few without (one GEMV per token)
     xf = x2.float()
     xs = xf.abs().amax(dim=-1, keepdim=True) / quant.INT8_QMAX
     xs = torch.where(xs > 0, xs, torch.ones_like(xs))
     q = torch.round(xf / xs).clamp(-quant.INT8_QMAX, quant.INT8_QMAX).to(torch.int8)
+    if plan == "onednn":
+        y = torch.ops.qhl.int8_mm_scaled.default(q, w_int8, w_scale.float()) * xs
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
     if plan == "cols":
         acc = torch.ops.aten._int_mm.default(w_int8, q.t()).t()
     else:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qhl
-from qhl.codegen import cpu_fused, quant, w8a8
+from qhl.codegen import cpu_fused, cpu_onednn, quant, w8a8
 
 pytestmark = pytest.mark.skipif(not cpu_fused.enabled(), reason=f"no Inductor here: {cpu_fused.disable_reason()}")
 
@@ -47,7 +47,7 @@ def test_fused_prologue_is_the_per_token_quantizer_bit_for_bit(m, bits, dtype):
     assert torch.equal(qu.to(torch.int16) - 128, q_ref.to(torch.int16))
 
 
-@pytest.mark.parametrize("plan", ["u8", "cols", "s8", "rows"])
+@pytest.mark.parametrize("plan", ["u8", "onednn", "cols", "s8", "rows"])
 @pytest.mark.parametrize("m", [1, 3, 64, 300])
 @pytest.mark.parametrize("bias", [True, False])
 def test_every_gemm_formulation_computes_the_spec(plan, m, bias, monkeypatch):
@@ -77,6 +77,40 @@ def test_u8_compensation_follows_an_in_place_weight_change(monkeypatch):
     second = w8a8.int8_linear_cpu(x, wq, ws2, None, torch.float32)
     assert _rel_err(second, quant.fake_quant_w8a8_linear(x, w2, None)) < 1e-6
     assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (3, 100, 37), (64, 576, 1536), (300, 256, 96)])
+def test_int8_mm_scaled_is_int_mm_times_the_weight_scale_bit_for_bit(m, k, n):
+    """qhl::int8_mm_scaled (oneDNN's GEMM on a prepacked weight where the CPU has AMX, _int_mm
+    elsewhere) equals float32(_int_mm(q, Wq^T)) * s_w exactly: exact int32 sums, one rounding, so
+    the w8a8 epilogue after it is the spec's. Odd K and N included (no block-size assumptions)."""
+    torch.manual_seed(m + k + n)
+    q = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    ws = torch.rand(n) * 0.01
+    y = torch.ops.qhl.int8_mm_scaled(q, wq, ws)
+    assert y.dtype == torch.float32 and y.shape == (m, n) and y.is_contiguous()
+    assert torch.equal(y, torch._int_mm(q, wq.t()).float() * ws)
+
+
+@pytest.mark.skipif(not cpu_onednn.available(), reason="oneDNN's prepacked int8 GEMM is used only on CPUs with AMX")
+def test_prepacked_weight_is_packed_once_and_follows_an_in_place_change(monkeypatch):
+    """The prepacked copy is made on the first call for a weight and reused after; when the int8
+    weight changes in place it is packed again, so no call runs on a stale copy."""
+    packs = []
+    derive = cpu_onednn._prepacked._derive
+    monkeypatch.setattr(cpu_onednn._prepacked, "_derive", lambda w: packs.append(1) or derive(w))
+    w, x = torch.randn(64, 256), torch.randn(5, 256)
+    wq, ws = quant.quantize_int8_per_channel(w)
+    for _ in range(3):
+        first = torch.ops.qhl.int8_mm_scaled(quant.quantize_per_token(x)[0], wq, ws)
+    assert len(packs) == 1
+    wq2, ws2 = quant.quantize_int8_per_channel(torch.randn(64, 256))
+    wq.copy_(wq2)
+    second = torch.ops.qhl.int8_mm_scaled(quant.quantize_per_token(x)[0], wq, ws2)
+    assert len(packs) == 2
+    assert torch.equal(second, torch._int_mm(quant.quantize_per_token(x)[0], wq2.t()).float() * ws2)
+    assert not torch.equal(first, second)
 
 
 def test_eager_fallback_when_the_fused_path_is_off(monkeypatch):
@@ -138,17 +172,26 @@ def test_inductor_graph_equals_the_op_by_op_graph(tokens):
     assert _rel_err(out, model(x)) < 0.05  # and it is still the model (w8a8's error, ~30 dB)
 
 
-def test_inductor_graph_fuses_the_prologue_and_epilogue_around_int_mm():
-    """The w8a8 layers are lowered to aten (their decomposition): the compiled code calls _int_mm
-    directly, with no qhl::w8a8_linear call left."""
+def test_inductor_graph_fuses_the_prologue_and_epilogue_around_the_int8_gemm(monkeypatch):
+    """The w8a8 layers are lowered to aten (their decomposition): the compiled code calls the
+    int8 GEMM directly (oneDNN's prepacked one where the CPU has AMX, else _int_mm), with no
+    qhl::w8a8_linear call left, and the weights are prepacked once, not per call."""
     from torch._inductor.utils import run_and_get_code
 
+    packs = []
+    derive = cpu_onednn._prepacked._derive
+    monkeypatch.setattr(cpu_onednn._prepacked, "_derive", lambda w: packs.append(1) or derive(w))
     model, x = _stack(), torch.randn(16, 128)
     torch._dynamo.reset()
+    compiled = torch.compile(model, backend=qhl.backend("w8a8"))
     with torch.no_grad():
-        _, codes = run_and_get_code(torch.compile(model, backend=qhl.backend("w8a8")), x)
+        _, codes = run_and_get_code(compiled, x)
+        compiled(x)
+        compiled(x)
     source = "\n".join(codes)
-    assert source.count("_int_mm(") == 3
+    gemm = "torch.ops.qhl.int8_mm_scaled.default(" if cpu_onednn.available() else "_int_mm("
+    assert source.count(gemm) == 3
+    assert len(packs) == (3 if cpu_onednn.available() else 0)
     assert "qhl.w8a8_linear" not in source.replace("Original ATen: [qhl.w8a8_linear]", "")
 
 

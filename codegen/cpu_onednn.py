@@ -1,0 +1,77 @@
+"""qhl::int8_mm_scaled — the int8 GEMM of the w8a8-family CPU faces on oneDNN's prepacked weights.
+
+    y[m, n] = float32(sum_k q[m, k] * Wq[n, k]) * s_w[n]      q [M, K] int8, Wq [N, K] int8, s_w [N] f32
+
+The int32 sums are exact and the product with s_w is one float32 rounding: the same value as
+`torch._int_mm(q, Wq.T).float() * s_w` bit for bit (tests/test_cpu_onednn.py), so the w8a8 spec's
+epilogue `(acc * s_w) * s_x (+ b)` goes on from y unchanged.
+
+Why it exists (benchmarks/cpu_spec_notes.md, the AMX section): on a CPU with AMX, `_int_mm` has
+to re-lay out one operand into AMX's blocked format on every call. oneDNN's `qlinear_pointwise` on
+a weight prepacked once (`onednn.qlinear_prepack`) skips that: on one 4096 x 4096 layer, 2 threads,
+0.63 / 2.0 / 3.9 ms at 64 / 256 / 512 tokens against 0.92 / 2.4 / 4.5 for the fastest `_int_mm`
+formulation (the transposed GEMM Wq @ q^T), and its result comes out row-major [M, N], which the
+fused epilogue and the next layer's quantize read along rows instead of across them.
+
+The prepacked weight is an opaque oneDNN tensor (no strides), which Inductor cannot take as a
+graph input; so it lives in a DerivedCache keyed by the packed int8 buffer (made on first use,
+dropped when the buffer is re-packed) and this op takes the int8 buffer. Inductor calls the op as
+one extern kernel between its fused loops. It holds a second copy of each int8 weight while the
+buffer lives.
+
+Only on CPUs with AMX (`available()`): there its u8 x s8 products accumulate in int32 exactly;
+elsewhere, and for inputs off the CPU, the op computes the same value with `_int_mm`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from qhl.runtime.packed import DerivedCache
+
+__all__ = ["available", "int8_mm_scaled"]
+
+
+@functools.cache
+def available() -> bool:
+    """True on a CPU with AMX tiles whose PyTorch build has oneDNN's quantized linear ops."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    onednn = torch.ops.onednn
+    return bool(amx and amx()) and hasattr(onednn, "qlinear_prepack") and hasattr(onednn, "qlinear_pointwise")
+
+
+_prepacked = DerivedCache(lambda w_int8: torch.ops.onednn.qlinear_prepack(w_int8, None))
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_points(n: int) -> Tensor:
+    return torch.zeros(n, dtype=torch.int64)
+
+
+def _fits(codes: Tensor, w_int8: Tensor, w_scale: Tensor) -> bool:
+    return (available() and codes.device.type == "cpu" and codes.dtype == torch.int8 and codes.dim() == 2
+            and w_int8.dtype == torch.int8 and w_int8.is_contiguous() and w_scale.dtype == torch.float32
+            and w_scale.is_contiguous() and codes.shape[1] == w_int8.shape[1])
+
+
+def int8_mm_scaled_cpu(codes: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
+    """The op's value as a fresh contiguous float32 [M, N] (called directly by the eager CPU faces)."""
+    if not _fits(codes, w_int8, w_scale) or codes.shape[0] == 0:
+        return torch._int_mm(codes, w_int8.t()).float() * w_scale.float()
+    # x_scale 1 and zero point 0: qlinear_pointwise's float32 output is then acc * s_w[n], once rounded.
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, 1.0, 0, _prepacked(w_int8), w_scale, _zero_points(w_int8.shape[0]), None,
+        1.0, 0, torch.float32, "none", [], "")
+
+
+@torch.library.custom_op("qhl::int8_mm_scaled", mutates_args=())
+def int8_mm_scaled(codes: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
+    """Spec face: see the module docstring."""
+    return int8_mm_scaled_cpu(codes, w_int8, w_scale)
+
+
+@int8_mm_scaled.register_fake
+def _(codes: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
+    return codes.new_empty((codes.shape[0], w_int8.shape[0]), dtype=torch.float32)
