@@ -21,22 +21,30 @@ buffer lives.
 
 Only on CPUs with AMX (`available()`): there its u8 x s8 products accumulate in int32 exactly;
 elsewhere, and for inputs off the CPU, the op computes the same value with `_int_mm`.
+QHL_CPU_PREPACK=0 (read once, at first use) turns it off, for the memory: the w8a8-family faces
+then use `_int_mm`'s transposed GEMM instead.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
 
 from qhl.runtime.packed import DerivedCache
 
-__all__ = ["available", "int8_mm_scaled"]
+__all__ = ["available", "int8_mm_scaled", "ENV_FLAG"]
+
+ENV_FLAG = "QHL_CPU_PREPACK"
 
 
 @functools.cache
 def available() -> bool:
-    """True on a CPU with AMX tiles whose PyTorch build has oneDNN's quantized linear ops."""
+    """True on a CPU with AMX tiles whose PyTorch build has oneDNN's quantized linear ops, unless
+    QHL_CPU_PREPACK=0."""
+    if os.environ.get(ENV_FLAG, "1") == "0":
+        return False
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     onednn = torch.ops.onednn
     return bool(amx and amx()) and hasattr(onednn, "qlinear_prepack") and hasattr(onednn, "qlinear_pointwise")
@@ -52,7 +60,7 @@ def _zero_points(n: int) -> Tensor:
 
 def _fits(codes: Tensor, w_int8: Tensor, w_scale: Tensor) -> bool:
     return (available() and codes.device.type == "cpu" and codes.dtype == torch.int8 and codes.dim() == 2
-            and w_int8.dtype == torch.int8 and w_int8.is_contiguous() and w_scale.dtype == torch.float32
+            and codes.is_contiguous() and w_int8.dtype == torch.int8 and w_int8.is_contiguous() and w_scale.dtype == torch.float32
             and w_scale.is_contiguous() and codes.shape[1] == w_int8.shape[1])
 
 

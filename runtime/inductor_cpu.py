@@ -3,7 +3,8 @@
 After the passes, an inference graph on CPU is handed to Inductor (`compile_fx`) with one extra
 decomposition per qhl:: op that has one (the op's spec written in aten ops, beside the op in
 codegen/<form>.py). Inductor then emits fused C++ loops for each quantized layer's prologue and
-epilogue around an extern oneDNN `_int_mm`, fused with the float ops before and after them (a
+epilogue around one extern int8 GEMM (oneDNN's, on a weight prepacked once where the CPU has AMX:
+codegen/cpu_onednn.py; else `_int_mm`), fused with the float ops before and after them (a
 layer's dequantize epilogue with the next layer's per-token quantize, RMSNorm, residual adds,
 SiLU), which the per-op CPU faces cannot do. Ops without a decomposition, or for which it declines
 (a token count whose best formulation needs a cached per-weight tensor), stay opaque calls to

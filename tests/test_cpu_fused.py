@@ -113,6 +113,23 @@ def test_prepacked_weight_is_packed_once_and_follows_an_in_place_change(monkeypa
     assert not torch.equal(first, second)
 
 
+def test_prepack_off_switch_keeps_the_same_result(monkeypatch):
+    """QHL_CPU_PREPACK=0 (for the memory of the prepacked copies) turns the oneDNN GEMM off: the
+    plan falls back to the transposed _int_mm and the op's value is unchanged."""
+    wq = torch.randint(-127, 128, (40, 96), dtype=torch.int8)
+    q, ws = torch.randint(-127, 128, (9, 96), dtype=torch.int8), torch.rand(40)
+    on = torch.ops.qhl.int8_mm_scaled(q, wq, ws)
+    monkeypatch.setenv(cpu_onednn.ENV_FLAG, "0")
+    cpu_onednn.available.cache_clear()
+    try:
+        assert not cpu_onednn.available()
+        assert w8a8._cpu_plan(64) != "onednn"
+        assert torch.equal(torch.ops.qhl.int8_mm_scaled(q, wq, ws), on)
+    finally:
+        monkeypatch.delenv(cpu_onednn.ENV_FLAG)
+        cpu_onednn.available.cache_clear()
+
+
 def test_eager_fallback_when_the_fused_path_is_off(monkeypatch):
     """QHL_CPU_FUSED=0 turns the fused path off (enabled() says why) and the CPU face gives the
     same result through its eager formulations."""
