@@ -23,6 +23,10 @@ Only on CPUs with AMX (`available()`): there its u8 x s8 products accumulate in 
 elsewhere, and for inputs off the CPU, the op computes the same value with `_int_mm`.
 QHL_CPU_PREPACK=0 (read once, at first use) turns it off, for the memory: the w8a8-family faces
 then use `_int_mm`'s transposed GEMM instead.
+
+Not a form: the op appears only inside the CPU faces and the graphs Inductor compiles from them,
+never in a graph that is inspected, exported or trained, so its faces are spec (this file) and
+fake; it has no Triton, ONNX or grad face.
 """
 from __future__ import annotations
 
@@ -59,14 +63,15 @@ def _zero_points(n: int) -> Tensor:
 
 
 def _fits(codes: Tensor, w_int8: Tensor, w_scale: Tensor) -> bool:
-    return (available() and codes.device.type == "cpu" and codes.dtype == torch.int8 and codes.dim() == 2
-            and codes.is_contiguous() and w_int8.dtype == torch.int8 and w_int8.is_contiguous() and w_scale.dtype == torch.float32
-            and w_scale.is_contiguous() and codes.shape[1] == w_int8.shape[1])
+    return (available() and codes.device.type == "cpu" and codes.dim() == 2 and codes.shape[0] > 0
+            and codes.dtype == w_int8.dtype == torch.int8 and w_scale.dtype == torch.float32
+            and codes.is_contiguous() and w_int8.is_contiguous() and w_scale.is_contiguous()
+            and codes.shape[1] == w_int8.shape[1])
 
 
 def int8_mm_scaled_cpu(codes: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:
     """The op's value as a fresh contiguous float32 [M, N] (called directly by the eager CPU faces)."""
-    if not _fits(codes, w_int8, w_scale) or codes.shape[0] == 0:
+    if not _fits(codes, w_int8, w_scale):
         return torch._int_mm(codes, w_int8.t()).float() * w_scale.float()
     # x_scale 1 and zero point 0: qlinear_pointwise's float32 output is then acc * s_w[n], once rounded.
     return torch.ops.onednn.qlinear_pointwise(
