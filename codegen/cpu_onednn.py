@@ -19,8 +19,10 @@ dropped when the buffer is re-packed) and this op takes the int8 buffer. Inducto
 one extern kernel between its fused loops. It holds a second copy of each int8 weight while the
 buffer lives.
 
-Only on CPUs with AMX (`available()`): there its u8 x s8 products accumulate in int32 exactly;
-elsewhere, and for inputs off the CPU, the op computes the same value with `_int_mm`.
+Only on CPUs with AMX (`available()`): there its u8 x s8 products accumulate in int32 exactly; and
+only for the shapes where it was measured faster (`worthwhile`: large weights, or many tokens).
+Elsewhere, and for inputs off the CPU, the op computes the same value with `_int_mm`, so a graph
+compiled with a dynamic token count gets the right GEMM for each call.
 QHL_CPU_PREPACK=0 (read once, at first use) turns it off, for the memory: the w8a8-family faces
 then use `_int_mm`'s transposed GEMM instead.
 
@@ -38,7 +40,7 @@ from torch import Tensor
 
 from qhl.runtime.packed import DerivedCache
 
-__all__ = ["available", "int8_mm_scaled", "ENV_FLAG"]
+__all__ = ["available", "worthwhile", "int8_mm_scaled", "ENV_FLAG"]
 
 ENV_FLAG = "QHL_CPU_PREPACK"
 
@@ -54,6 +56,24 @@ def available() -> bool:
     return bool(amx and amx()) and hasattr(onednn, "qlinear_prepack") and hasattr(onednn, "qlinear_pointwise")
 
 
+# Where the prepacked GEMM is worth it (measured on the AMX Xeon, benchmarks/cpu_spec_notes.md): it
+# costs ~25-30 us per call whatever the size, so it wins on weights of 2^20+ values at 2+ tokens
+# (1.15-1.6x `_int_mm` at 4096 x 4096), or with enough work per call; and at 1 token some small
+# shapes take 1-3 ms in it (192 x 576 and 256 x 256 did), so there only weights of 2^22+ values.
+_MIN_WEIGHT = 1 << 20
+_MIN_WEIGHT_ONE_TOKEN = 1 << 22
+_MIN_WORK = 1 << 26  # M * N * K
+
+
+def worthwhile(m: int, n: int, k: int) -> bool:
+    """Whether the prepacked GEMM is the faster one for M tokens on a [N, K] weight here."""
+    if not available() or m < 1:
+        return False
+    if m == 1:
+        return n * k >= _MIN_WEIGHT_ONE_TOKEN
+    return n * k >= _MIN_WEIGHT or m * n * k >= _MIN_WORK
+
+
 _prepacked = DerivedCache(lambda w_int8: torch.ops.onednn.qlinear_prepack(w_int8, None))
 
 
@@ -63,8 +83,8 @@ def _zero_points(n: int) -> Tensor:
 
 
 def _fits(codes: Tensor, w_int8: Tensor, w_scale: Tensor) -> bool:
-    return (available() and codes.device.type == "cpu" and codes.dim() == 2 and codes.shape[0] > 0
-            and codes.dtype == w_int8.dtype == torch.int8 and w_scale.dtype == torch.float32
+    return (codes.device.type == "cpu" and codes.dim() == 2
+            and worthwhile(codes.shape[0], w_int8.shape[0], w_int8.shape[1]) and codes.dtype == w_int8.dtype == torch.int8 and w_scale.dtype == torch.float32
             and codes.is_contiguous() and w_int8.is_contiguous() and w_scale.is_contiguous()
             and codes.shape[1] == w_int8.shape[1])
 

@@ -36,7 +36,8 @@ __all__ = ["w8a8_linear", "w8a8_linear_spec", "w8a8_linear_decomposed", "int8_li
 #               computed once per weight and subtracted exactly in int32), 2x the s8 GEMV;
 #               M >= 2: oneDNN's GEMM on the weight prepacked once ('onednn',
 #               codegen/cpu_onednn.py), 1.15-1.5x the transposed GEMM acc^T = Wq @ q^T at 2-512
-#               tokens, which is itself 1.2-1.4x q @ Wq^T ('cols' where PyTorch lacks the ops).
+#               tokens on large weights, which is itself 1.2-1.4x q @ Wq^T; 'cols' for small
+#               weights and few tokens (cpu_onednn.worthwhile) or where PyTorch lacks the ops.
 #   without     M <= 4: one s8 GEMV per token, oneDNN's fastest shape per token;
 #               5 <= M <= 256: the transposed GEMM; M > 256: u8 x s8 (VNNI-native).
 # The transposed result is read back inside the fused epilogue (codegen/cpu_fused.py); the eager
@@ -51,12 +52,12 @@ def _cpu_has_amx() -> bool:
     return bool(probe and probe())
 
 
-def _cpu_plan(m: int) -> str:
+def _cpu_plan(m: int, n: int, k: int) -> str:
     """'u8', 'onednn' (prepacked weight), 'cols' (the transposed GEMM) or 'rows' (one GEMV per
-    token) for M tokens here. int8_linear_cpu also takes 's8' (q @ Wq^T), the decomposition's
-    formulation for many tokens without AMX."""
+    token) for M tokens on an [N, K] weight here. int8_linear_cpu also takes 's8' (q @ Wq^T), the
+    decomposition's formulation for many tokens without AMX."""
     if _cpu_has_amx():
-        return "u8" if m == 1 else ("onednn" if cpu_onednn.available() else "cols")
+        return "u8" if m == 1 else ("onednn" if cpu_onednn.worthwhile(m, n, k) else "cols")
     if m <= _ROWWISE_MAX_M:
         return "rows"
     return "cols" if m <= _TRANSPOSED_MAX_M else "u8"
@@ -82,7 +83,7 @@ def int8_linear_cpu(
         if codes is None:
             codes, xs = _eager_codes(x2, bits)
         return dequant_epilogue(int8_gemm_cpu(codes, w_int8, ws), xs, bias, out_dtype)
-    plan = _cpu_plan(x2.shape[0])
+    plan = _cpu_plan(x2.shape[0], *w_int8.shape)
     if codes is None:
         qmax = (1 << (bits - 1)) - 1
         codes, xs = cpu_fused.per_token_codes(x2, qmax, 128 if plan == "u8" else 0)
@@ -175,8 +176,9 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
     prologue and the dequantize epilogue become fused C++ loops around an extern `_int_mm`, and
     Inductor fuses them with the ops before and after (the previous layer's epilogue, a norm, a
     residual add). The GEMM formulation is _cpu_plan's for a known token count; with a dynamic
-    token count, the prepacked oneDNN GEMM where the CPU has AMX (an extern qhl::int8_mm_scaled
-    call, codegen/cpu_onednn.py), else the transposed GEMM. Returns NotImplemented (the op stays
+    token count, an extern qhl::int8_mm_scaled call where the CPU has AMX and the weight is large
+    (codegen/cpu_onednn.py; it picks its GEMM per call by the actual token count), else the
+    transposed GEMM. Returns NotImplemented (the op stays
     an opaque call to its CPU face) off the CPU, and for the token counts whose best formulation
     needs a per-weight cache (the u8 compensation) or a per-token loop."""
     if x.device.type != "cpu":
@@ -184,7 +186,10 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
     n, k = w_int8.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    plan = _cpu_plan(m) if isinstance(m, int) else ("onednn" if _cpu_plan(2) == "onednn" else "cols")
+    if isinstance(m, int):
+        plan = _cpu_plan(m, n, k)
+    else:  # a dynamic token count: the op chooses per call
+        plan = "onednn" if _cpu_has_amx() and cpu_onednn.worthwhile(2, n, k) else "cols"
     if plan == "u8" and not _cpu_has_amx():
         plan = "s8"  # many tokens without AMX: u8 needs the cached compensation; s8's GEMM is ~4% slower
     if plan not in ("onednn", "cols", "s8"):

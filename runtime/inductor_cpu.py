@@ -20,7 +20,9 @@ GraphModule (each op's CPU face) instead.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import pathlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +32,7 @@ from torch import fx
 
 from qhl.runtime.packed import PACKED_META, refresh
 
-__all__ = ["cpu_decompositions", "is_cpu_graph", "lift_constants", "compile_inference_graph"]
+__all__ = ["cpu_decompositions", "is_cpu_graph", "lift_constants", "compile_inference_graph", "DecompositionTable"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,57 @@ def cpu_decompositions() -> dict[Any, Callable[..., Any]]:
         torch.ops.qhl.w8a8_linear.default: w8a8_linear_decomposed,
         torch.ops.qhl.w8a16_linear.default: w8a16_linear_decomposed,
     }
+
+
+# The sources whose code decides what a decomposition emits (the ops, their CPU plans, the prepacked
+# GEMM): part of the compiled-code cache key, so that a changed qhl never reuses stale code.
+_DECOMPOSITION_SOURCES = ("codegen/w8a8.py", "codegen/w8a16.py", "codegen/cpu_onednn.py", "codegen/quant.py",
+                          "runtime/inductor_cpu.py")
+
+
+def _decomposition_fingerprint() -> str:
+    from qhl.codegen import cpu_onednn, w8a8
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for rel in _DECOMPOSITION_SOURCES:
+        path = root / rel
+        digest.update(path.read_bytes() if path.is_file() else rel.encode())
+    # The CPU plans depend on the machine and on QHL_CPU_PREPACK, not only on the code.
+    digest.update(f"amx={w8a8._cpu_has_amx()} prepack={cpu_onednn.available()}".encode())
+    return digest.hexdigest()[:16]
+
+
+class DecompositionTable(dict):
+    """Inductor's decomposition table plus the qhl ops lowered in one graph.
+
+    Inductor keys its compiled-code caches (the FX graph cache and AOTAutograd's, in memory and on
+    disk) on a pickle of the table it was given; the default table holds functions that cannot be
+    pickled, and a copy of it turns both caches off (a SmolLM2 compile then costs ~35 s in every
+    process). This table pickles as what makes it differ from the default: the names of the qhl
+    ops it lowers and a fingerprint of the code behind them. The graph being compiled is keyed
+    separately by Inductor; the packed weights are graph inputs, so no weight value is keyed.
+    """
+
+    def __init__(self, lowered: tuple[str, ...]):
+        from torch._inductor.decomposition import select_decomp_table
+
+        super().__init__(select_decomp_table())
+        mine = {str(op): fn for op, fn in cpu_decompositions().items()}
+        unknown = [name for name in lowered if name not in mine]
+        if unknown:
+            raise ValueError(f"no CPU decomposition for {unknown}; known: {sorted(mine)}")
+        self.lowered = tuple(sorted(lowered))
+        self.update({op: fn for op, fn in cpu_decompositions().items() if str(op) in self.lowered})
+
+    def __reduce__(self):
+        return (_rebuild_table, (self.lowered, _decomposition_fingerprint()))
+
+
+def _rebuild_table(lowered: tuple[str, ...], fingerprint: str) -> DecompositionTable:
+    if fingerprint != _decomposition_fingerprint():
+        raise ValueError("this decomposition table was made by different qhl code or on a different CPU")
+    return DecompositionTable(lowered)
 
 
 def _tensors_of(gm: fx.GraphModule, inputs: list[Any]) -> list[torch.Tensor]:
@@ -98,7 +151,6 @@ def compile_inference_graph(gm: fx.GraphModule, fake_inputs: list[Any]) -> Calla
     """A boxed callable running gm compiled by Inductor with qhl's CPU decompositions."""
     from torch._guards import detect_fake_mode
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
 
     t0 = time.perf_counter()
     lifted, consts = lift_constants(gm)
@@ -107,15 +159,15 @@ def compile_inference_graph(gm: fx.GraphModule, fake_inputs: list[Any]) -> Calla
         raise RuntimeError("no fake mode on the example inputs (expected AOTAutograd's)")
     # Constants have fixed shapes: static, so they add no symbols (and no guards) to the shape env.
     fake_consts = [fake_mode.from_tensor(c, static_shapes=True) for c in consts]
-    table = dict(select_decomp_table())
     values = dict(zip([n for n in lifted.graph.nodes if n.op == "placeholder"], [*fake_consts, *fake_inputs]))
+    lowered = []
     for op, decomposition in cpu_decompositions().items():
         nodes = [n for n in lifted.graph.nodes if n.target is op]
         if nodes and all(_accepts(decomposition, n, values, fake_mode) for n in nodes):
-            table[op] = decomposition
+            lowered.append(str(op))
         elif nodes:
             log.info("qhl: %s stays a call to its CPU face in this graph (its decomposition declines a node)", op)
-    compiled = compile_fx(lifted, [*fake_consts, *fake_inputs], decompositions=table)
+    compiled = compile_fx(lifted, [*fake_consts, *fake_inputs], decompositions=DecompositionTable(tuple(lowered)))
     records = list(gm.meta.get(PACKED_META, []))
     log.info("qhl: Inductor compiled the CPU graph (%d constants) in %.1fs", len(consts), time.perf_counter() - t0)
 

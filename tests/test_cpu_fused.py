@@ -54,7 +54,7 @@ def test_every_gemm_formulation_computes_the_spec(plan, m, bias, monkeypatch):
     """Each formulation int8_linear_cpu can choose gives the fake-quant reference (float64) to
     float32 accumulation noise (1e-6 relative: the int32 sums are exact, only the float32 scale
     products round), for any token count."""
-    monkeypatch.setattr(w8a8, "_cpu_plan", lambda m_: plan)
+    monkeypatch.setattr(w8a8, "_cpu_plan", lambda *shape: plan)
     w, x = torch.randn(96, 512), torch.randn(m, 512)
     b = torch.randn(96) if bias else None
     wq, ws = quant.quantize_int8_per_channel(w)
@@ -66,7 +66,7 @@ def test_every_gemm_formulation_computes_the_spec(plan, m, bias, monkeypatch):
 def test_u8_compensation_follows_an_in_place_weight_change(monkeypatch):
     """The u8 formulation's cached 128 * sum_k Wq[n, k] is dropped when the int8 weight changes in
     place, so the next call is the new weight's product, not a stale one."""
-    monkeypatch.setattr(w8a8, "_cpu_plan", lambda m_: "u8")
+    monkeypatch.setattr(w8a8, "_cpu_plan", lambda *shape: "u8")
     w, x = torch.randn(64, 256), torch.randn(1, 256)
     wq, ws = quant.quantize_int8_per_channel(w)
     first = w8a8.int8_linear_cpu(x, wq, ws, None, torch.float32)
@@ -79,11 +79,13 @@ def test_u8_compensation_follows_an_in_place_weight_change(monkeypatch):
     assert not torch.allclose(first, second)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (3, 100, 37), (64, 576, 1536), (300, 256, 96)])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (3, 100, 37), (64, 576, 1536), (2, 1024, 1024), (1, 2048, 2048),
+                                   (5, 1100, 1001), (300, 512, 512)])
 def test_int8_mm_scaled_is_int_mm_times_the_weight_scale_bit_for_bit(m, k, n):
-    """qhl::int8_mm_scaled (oneDNN's GEMM on a prepacked weight where the CPU has AMX, _int_mm
-    elsewhere) equals float32(_int_mm(q, Wq^T)) * s_w exactly: exact int32 sums, one rounding, so
-    the w8a8 epilogue after it is the spec's. Odd K and N included (no block-size assumptions)."""
+    """qhl::int8_mm_scaled (oneDNN's GEMM on a prepacked weight where the CPU has AMX and the
+    shape is worth it, _int_mm elsewhere) equals float32(_int_mm(q, Wq^T)) * s_w exactly: exact
+    int32 sums, one rounding, so the w8a8 epilogue after it is the spec's. Odd K and N included
+    (no block-size assumptions); the last four shapes take the prepacked GEMM on a CPU with AMX."""
     torch.manual_seed(m + k + n)
     q = torch.randint(-127, 128, (m, k), dtype=torch.int8)
     wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
@@ -100,12 +102,12 @@ def test_prepacked_weight_is_packed_once_and_follows_an_in_place_change(monkeypa
     packs = []
     derive = cpu_onednn._prepacked._derive
     monkeypatch.setattr(cpu_onednn._prepacked, "_derive", lambda w: packs.append(1) or derive(w))
-    w, x = torch.randn(64, 256), torch.randn(5, 256)
+    w, x = torch.randn(1024, 1024), torch.randn(5, 1024)
     wq, ws = quant.quantize_int8_per_channel(w)
     for _ in range(3):
         first = torch.ops.qhl.int8_mm_scaled(quant.quantize_per_token(x)[0], wq, ws)
     assert len(packs) == 1
-    wq2, ws2 = quant.quantize_int8_per_channel(torch.randn(64, 256))
+    wq2, ws2 = quant.quantize_int8_per_channel(torch.randn(1024, 1024))
     wq.copy_(wq2)
     second = torch.ops.qhl.int8_mm_scaled(quant.quantize_per_token(x)[0], wq, ws2)
     assert len(packs) == 2
@@ -113,17 +115,30 @@ def test_prepacked_weight_is_packed_once_and_follows_an_in_place_change(monkeypa
     assert not torch.equal(first, second)
 
 
+def test_prepacked_gemm_only_where_it_was_measured_faster():
+    """Not for small weights at few tokens (a fixed ~30 us per call) nor small weights at 1 token
+    (1-3 ms on some shapes); yes for 2^20-value weights at 2+ tokens and for much work per call."""
+    if not cpu_onednn.available():
+        assert not cpu_onednn.worthwhile(64, 4096, 4096)
+        return
+    assert cpu_onednn.worthwhile(2, 1024, 1024) and cpu_onednn.worthwhile(1, 4096, 4096)
+    assert not cpu_onednn.worthwhile(1, 192, 576) and not cpu_onednn.worthwhile(1, 1024, 1024)
+    assert not cpu_onednn.worthwhile(32, 576, 576) and cpu_onednn.worthwhile(512, 576, 576)
+    assert w8a8._cpu_plan(1, 4096, 4096) == "u8" and w8a8._cpu_plan(8, 192, 576) == "cols"
+    assert w8a8._cpu_plan(8, 4096, 4096) == "onednn"
+
+
 def test_prepack_off_switch_keeps_the_same_result(monkeypatch):
     """QHL_CPU_PREPACK=0 (for the memory of the prepacked copies) turns the oneDNN GEMM off: the
     plan falls back to the transposed _int_mm and the op's value is unchanged."""
-    wq = torch.randint(-127, 128, (40, 96), dtype=torch.int8)
-    q, ws = torch.randint(-127, 128, (9, 96), dtype=torch.int8), torch.rand(40)
+    wq = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8)
+    q, ws = torch.randint(-127, 128, (9, 1024), dtype=torch.int8), torch.rand(1024)
     on = torch.ops.qhl.int8_mm_scaled(q, wq, ws)
     monkeypatch.setenv(cpu_onednn.ENV_FLAG, "0")
     cpu_onednn.available.cache_clear()
     try:
         assert not cpu_onednn.available()
-        assert w8a8._cpu_plan(64) != "onednn"
+        assert w8a8._cpu_plan(64, 4096, 4096) != "onednn"
         assert torch.equal(torch.ops.qhl.int8_mm_scaled(q, wq, ws), on)
     finally:
         monkeypatch.delenv(cpu_onednn.ENV_FLAG)
@@ -198,7 +213,7 @@ def test_inductor_graph_fuses_the_prologue_and_epilogue_around_the_int8_gemm(mon
     packs = []
     derive = cpu_onednn._prepacked._derive
     monkeypatch.setattr(cpu_onednn._prepacked, "_derive", lambda w: packs.append(1) or derive(w))
-    model, x = _stack(), torch.randn(16, 128)
+    model, x = _stack(1024), torch.randn(16, 1024)  # 2^20-value weights: the prepacked GEMM's sizes
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=qhl.backend("w8a8"))
     with torch.no_grad():
@@ -225,6 +240,43 @@ def test_inductor_graph_sees_weights_changed_in_place():
         out = compiled(x)
     assert be.graphs[0].codegen == "inductor"
     assert _rel_err(out, _reference(model, x)) < 1e-5
+
+
+def test_inductor_caches_serve_the_same_graph_again():
+    """The decomposition table qhl hands Inductor can be keyed, so Inductor's compiled-code caches
+    work: the same graph compiled again (a new backend after a Dynamo reset, as a second process
+    would) is a cache hit with the same result, and a graph with other shapes is not."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    model, x = _stack(64, 2), torch.randn(8, 64)
+    outs, hits = [], []
+    with fresh_cache(), torch.no_grad():
+        for inp in (x, x, torch.randn(3, 64)):
+            torch._dynamo.reset()
+            before = counters["inductor"]["fxgraph_cache_hit"]
+            be = qhl.backend("w8a8")
+            outs.append(torch.compile(model, backend=be, dynamic=False)(inp))
+            assert be.graphs[0].codegen == "inductor"
+            hits.append(counters["inductor"]["fxgraph_cache_hit"] - before)
+    assert hits == [0, 1, 0]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_decomposition_table_pickles_as_its_lowered_ops():
+    """What the caches key on: the lowered qhl ops and a fingerprint of their code, round-tripping
+    through pickle; an op without a decomposition is refused by name."""
+    import pickle
+
+    from qhl.runtime.inductor_cpu import DecompositionTable
+
+    table = DecompositionTable(("qhl.w8a8_linear.default",))
+    assert torch.ops.qhl.w8a8_linear.default in table and torch.ops.qhl.w8a16_linear.default not in table
+    again = pickle.loads(pickle.dumps(table))
+    assert again.lowered == table.lowered and again.keys() == table.keys()
+    assert pickle.dumps(table) != pickle.dumps(DecompositionTable(()))
+    with pytest.raises(ValueError, match="no CPU decomposition for \\['qhl.nope'\\]"):
+        DecompositionTable(("qhl.nope",))
 
 
 def test_training_and_spec_graphs_stay_graph_modules():
