@@ -15,6 +15,10 @@ by reference on every call, so runtime/packed.py's refresh (an in-place re-pack 
 weight changed) is seen by the compiled code. Training graphs are not compiled here: their
 forward/backward split and the straight-through gradients stay with the GraphModule.
 
+The compiled code lands in Inductor's caches (its FX graph cache and AOTAutograd's, in memory and
+on disk), so compiling the same graph again, in this process or a later one, takes seconds instead
+of tens of seconds: `DecompositionTable` is what makes qhl's graphs keyable there.
+
 `compile_inference_graph` raises on any failure; the backend logs the reason and runs the
 GraphModule (each op's CPU face) instead.
 """
