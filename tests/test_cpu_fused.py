@@ -227,6 +227,23 @@ def test_inductor_graph_fuses_the_prologue_and_epilogue_around_the_int8_gemm(mon
     assert "qhl.w8a8_linear" not in source.replace("Original ATen: [qhl.w8a8_linear]", "")
 
 
+def test_dynamic_token_count_picks_the_gemm_per_call():
+    """Compiled with a dynamic token count, a large-weight layer calls qhl::int8_mm_scaled, which
+    picks its GEMM per call: every token count equals the op-by-op graph. (1 token gets a graph of
+    its own: Dynamo specializes sizes 0 and 1.)"""
+    model = _stack(1024, 2)
+    xs = [torch.randn(tokens, 1024) for tokens in (8, 200, 3, 1)]
+    refs = [_reference(model, x) for x in xs]
+    torch._dynamo.reset()
+    be = qhl.backend("w8a8")
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    with torch.no_grad():
+        outs = [compiled(x) for x in xs]
+    assert len(be.graphs) == 2 and {g.codegen for g in be.graphs} == {"inductor"}
+    for out, ref in zip(outs, refs):
+        assert _rel_err(out, ref) < 1e-5
+
+
 def test_inductor_graph_sees_weights_changed_in_place():
     """The packed weights are passed to the compiled code by reference: a weight updated in place
     is re-packed before the next call (runtime/packed.py) and the result follows it."""
