@@ -3,7 +3,7 @@
     y[m, n] = float32(sum_k q[m, k] * Wq[n, k]) * s_w[n]      q [M, K] int8, Wq [N, K] int8, s_w [N] f32
 
 The int32 sums are exact and the product with s_w is one float32 rounding: the same value as
-`torch._int_mm(q, Wq.T).float() * s_w` bit for bit (tests/test_cpu_onednn.py), so the w8a8 spec's
+`torch._int_mm(q, Wq.T).float() * s_w` bit for bit (tests/test_cpu_fused.py), so the w8a8 spec's
 epilogue `(acc * s_w) * s_x (+ b)` goes on from y unchanged.
 
 Why it exists (benchmarks/cpu_spec_notes.md, the AMX section): on a CPU with AMX, `_int_mm` has
@@ -40,9 +40,17 @@ from torch import Tensor
 
 from qhl.runtime.packed import DerivedCache
 
-__all__ = ["available", "worthwhile", "int8_mm_scaled", "ENV_FLAG"]
+__all__ = ["cpu_has_amx", "available", "worthwhile", "int8_mm_scaled", "ENV_FLAG"]
 
 ENV_FLAG = "QHL_CPU_PREPACK"
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """True on a CPU with AMX tiles (oneDNN then runs int8 GEMMs on them; the w8a8 CPU plans
+    differ, codegen/w8a8.py)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
 
 
 @functools.cache
@@ -51,9 +59,8 @@ def available() -> bool:
     QHL_CPU_PREPACK=0."""
     if os.environ.get(ENV_FLAG, "1") == "0":
         return False
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     onednn = torch.ops.onednn
-    return bool(amx and amx()) and hasattr(onednn, "qlinear_prepack") and hasattr(onednn, "qlinear_pointwise")
+    return cpu_has_amx() and hasattr(onednn, "qlinear_prepack") and hasattr(onednn, "qlinear_pointwise")
 
 
 # Where the prepacked GEMM is worth it (measured on the AMX Xeon, benchmarks/cpu_spec_notes.md): it
@@ -83,10 +90,10 @@ def _zero_points(n: int) -> Tensor:
 
 
 def _fits(codes: Tensor, w_int8: Tensor, w_scale: Tensor) -> bool:
-    return (codes.device.type == "cpu" and codes.dim() == 2
-            and worthwhile(codes.shape[0], w_int8.shape[0], w_int8.shape[1]) and codes.dtype == w_int8.dtype == torch.int8 and w_scale.dtype == torch.float32
+    return (codes.device.type == "cpu" and codes.dim() == 2 and codes.shape[1] == w_int8.shape[1]
+            and codes.dtype == w_int8.dtype == torch.int8 and w_scale.dtype == torch.float32
             and codes.is_contiguous() and w_int8.is_contiguous() and w_scale.is_contiguous()
-            and codes.shape[1] == w_int8.shape[1])
+            and worthwhile(codes.shape[0], w_int8.shape[0], w_int8.shape[1]))
 
 
 def int8_mm_scaled_cpu(codes: Tensor, w_int8: Tensor, w_scale: Tensor) -> Tensor:

@@ -4,8 +4,9 @@
 
 Q(x) is qhl::quantize_per_token. The int8 x int8 products accumulate exactly in int32; the
 dequantize (+ bias) is the epilogue. Faces:
-  spec    this file (CPU): torch._int_mm, which is exact and is the fast CPU int8 GEMM (the
-          formulation is chosen by M and the CPU, see below and benchmarks/cpu_spec_notes.md),
+  spec    this file (CPU): an exact int8 GEMM, torch._int_mm or, on AMX, oneDNN's on a weight
+          prepacked once (codegen/cpu_onednn.py); the formulation is chosen by the shape and the
+          CPU, see below and benchmarks/cpu_spec_notes.md,
           between a prologue and epilogue fused by Inductor (codegen/cpu_fused.py);
           w8a8_linear_decomposed is the same math in aten ops, which Inductor's whole-graph CPU
           codegen lowers the op to (runtime/inductor_cpu.py);
@@ -16,7 +17,6 @@ dequantize (+ bias) is the epilogue. Faces:
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -46,17 +46,11 @@ _ROWWISE_MAX_M = 4
 _TRANSPOSED_MAX_M = 256
 
 
-@functools.cache
-def _cpu_has_amx() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
-
-
 def _cpu_plan(m: int, n: int, k: int) -> str:
     """'u8', 'onednn' (prepacked weight), 'cols' (the transposed GEMM) or 'rows' (one GEMV per
     token) for M tokens on an [N, K] weight here. int8_linear_cpu also takes 's8' (q @ Wq^T), the
     decomposition's formulation for many tokens without AMX."""
-    if _cpu_has_amx():
+    if cpu_onednn.cpu_has_amx():
         return "u8" if m == 1 else ("onednn" if cpu_onednn.worthwhile(m, n, k) else "cols")
     if m <= _ROWWISE_MAX_M:
         return "rows"
@@ -173,14 +167,14 @@ def w8a8_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[
 
 def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]):
     """The spec in aten ops, for Inductor's CPU codegen (runtime/inductor_cpu.py): the per-token
-    prologue and the dequantize epilogue become fused C++ loops around an extern `_int_mm`, and
+    prologue and the dequantize epilogue become fused C++ loops around one extern int8 GEMM, and
     Inductor fuses them with the ops before and after (the previous layer's epilogue, a norm, a
     residual add). The GEMM formulation is _cpu_plan's for a known token count; with a dynamic
     token count, an extern qhl::int8_mm_scaled call where the CPU has AMX and the weight is large
     (codegen/cpu_onednn.py; it picks its GEMM per call by the actual token count), else the
-    transposed GEMM. Returns NotImplemented (the op stays
-    an opaque call to its CPU face) off the CPU, and for the token counts whose best formulation
-    needs a per-weight cache (the u8 compensation) or a per-token loop."""
+    transposed GEMM. Returns NotImplemented (the op stays an opaque call to its CPU face) off the
+    CPU, and for the token counts whose best formulation needs a per-weight cache (the u8
+    compensation) or a per-token loop."""
     if x.device.type != "cpu":
         return NotImplemented
     n, k = w_int8.shape
@@ -189,8 +183,8 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
     if isinstance(m, int):
         plan = _cpu_plan(m, n, k)
     else:  # a dynamic token count: the op chooses per call
-        plan = "onednn" if _cpu_has_amx() and cpu_onednn.worthwhile(2, n, k) else "cols"
-    if plan == "u8" and not _cpu_has_amx():
+        plan = "onednn" if cpu_onednn.worthwhile(2, n, k) else "cols"
+    if plan == "u8" and not cpu_onednn.cpu_has_amx():
         plan = "s8"  # many tokens without AMX: u8 needs the cached compensation; s8's GEMM is ~4% slower
     if plan not in ("onednn", "cols", "s8"):
         return NotImplemented  # 1 token with AMX (u8), or a few without (one GEMV per token)
@@ -199,15 +193,13 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
     xs = torch.where(xs > 0, xs, torch.ones_like(xs))
     q = torch.round(xf / xs).clamp(-quant.INT8_QMAX, quant.INT8_QMAX).to(torch.int8)
     if plan == "onednn":
-        y = torch.ops.qhl.int8_mm_scaled.default(q, w_int8, w_scale.float()) * xs
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
-    if plan == "cols":
-        acc = torch.ops.aten._int_mm.default(w_int8, q.t()).t()
+        y = torch.ops.qhl.int8_mm_scaled.default(q, w_int8, w_scale.float()) * xs  # acc * s_w, row-major
     else:
-        acc = torch.ops.aten._int_mm.default(q, w_int8.t())
-    y = (acc.float() * w_scale) * xs
+        if plan == "cols":
+            acc = torch.ops.aten._int_mm.default(w_int8, q.t()).t()
+        else:
+            acc = torch.ops.aten._int_mm.default(q, w_int8.t())
+        y = (acc.float() * w_scale) * xs
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).contiguous().reshape(*x.shape[:-1], n)

@@ -15,15 +15,17 @@ by reference on every call, so runtime/packed.py's refresh (an in-place re-pack 
 weight changed) is seen by the compiled code. Training graphs are not compiled here: their
 forward/backward split and the straight-through gradients stay with the GraphModule.
 
-The compiled code lands in Inductor's caches (its FX graph cache and AOTAutograd's, in memory and
-on disk), so compiling the same graph again, in this process or a later one, takes seconds instead
-of tens of seconds: `DecompositionTable` is what makes qhl's graphs keyable there.
+The compiled code lands in Inductor's FX graph cache (in memory and on disk), so compiling the
+same graph again, in this process or a later one, skips the C++ codegen: `DecompositionTable` is
+what makes qhl's graphs keyable there. AOTAutograd's cache stays off for these graphs: its key
+leaves out the decomposition table, so it could serve a graph decomposed by other qhl code.
 
 `compile_inference_graph` raises on any failure; the backend logs the reason and runs the
 GraphModule (each op's CPU face) instead.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import pathlib
@@ -36,7 +38,8 @@ from torch import fx
 
 from qhl.runtime.packed import PACKED_META, refresh
 
-__all__ = ["cpu_decompositions", "is_cpu_graph", "lift_constants", "compile_inference_graph", "DecompositionTable"]
+__all__ = ["cpu_decompositions", "is_cpu_graph", "lift_constants", "compile_inference_graph",
+           "DecompositionTable"]
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +61,30 @@ _DECOMPOSITION_SOURCES = ("codegen/w8a8.py", "codegen/w8a16.py", "codegen/cpu_on
                           "runtime/inductor_cpu.py")
 
 
-def _decomposition_fingerprint() -> str:
-    from qhl.codegen import cpu_onednn, w8a8
-
+@functools.cache
+def _source_digest() -> str:
     root = pathlib.Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for rel in _DECOMPOSITION_SOURCES:
         path = root / rel
         digest.update(path.read_bytes() if path.is_file() else rel.encode())
+    return digest.hexdigest()
+
+
+def _decomposition_fingerprint() -> str:
+    from qhl.codegen import cpu_onednn
+
     # The CPU plans depend on the machine and on QHL_CPU_PREPACK, not only on the code.
-    digest.update(f"amx={w8a8._cpu_has_amx()} prepack={cpu_onednn.available()}".encode())
-    return digest.hexdigest()[:16]
+    plan = f"amx={cpu_onednn.cpu_has_amx()} prepack={cpu_onednn.available()}"
+    return hashlib.sha256(f"{_source_digest()} {plan}".encode()).hexdigest()[:16]
 
 
 class DecompositionTable(dict):
     """Inductor's decomposition table plus the qhl ops lowered in one graph.
 
-    Inductor keys its compiled-code caches (the FX graph cache and AOTAutograd's, in memory and on
-    disk) on a pickle of the table it was given; the default table holds functions that cannot be
-    pickled, and a copy of it turns both caches off (a SmolLM2 compile then costs ~35 s in every
-    process). This table pickles as what makes it differ from the default: the names of the qhl
+    Inductor keys its FX graph cache (in memory and on disk) on a pickle of the table it was
+    given; the default table holds functions that cannot be pickled, and a copy of it turns the
+    cache off (a SmolLM2 compile then costs ~35 s in every process). This table pickles as what makes it differ from the default: the names of the qhl
     ops it lowers and a fingerprint of the code behind them. The graph being compiled is keyed
     separately by Inductor; the packed weights are graph inputs, so no weight value is keyed.
     """
@@ -86,20 +93,23 @@ class DecompositionTable(dict):
         from torch._inductor.decomposition import select_decomp_table
 
         super().__init__(select_decomp_table())
-        mine = {str(op): fn for op, fn in cpu_decompositions().items()}
+        mine = {str(op): (op, fn) for op, fn in cpu_decompositions().items()}
         unknown = [name for name in lowered if name not in mine]
         if unknown:
             raise ValueError(f"no CPU decomposition for {unknown}; known: {sorted(mine)}")
         self.lowered = tuple(sorted(lowered))
-        self.update({op: fn for op, fn in cpu_decompositions().items() if str(op) in self.lowered})
+        self.update(mine[name] for name in self.lowered)
 
     def __reduce__(self):
         return (_rebuild_table, (self.lowered, _decomposition_fingerprint()))
 
 
 def _rebuild_table(lowered: tuple[str, ...], fingerprint: str) -> DecompositionTable:
-    if fingerprint != _decomposition_fingerprint():
-        raise ValueError("this decomposition table was made by different qhl code or on a different CPU")
+    # Unpickled with a cached FX graph. Inductor keys that cache on the graph after decomposition
+    # and on this table's pickle (the fingerprint), and the compiled code depends only on the
+    # former; so an entry is rebuilt with this code's table rather than refused (refusing made
+    # Inductor log a traceback and recompile on every lookup of it).
+    del fingerprint
     return DecompositionTable(lowered)
 
 
@@ -171,7 +181,11 @@ def compile_inference_graph(gm: fx.GraphModule, fake_inputs: list[Any]) -> Calla
             lowered.append(str(op))
         elif nodes:
             log.info("qhl: %s stays a call to its CPU face in this graph (its decomposition declines a node)", op)
-    compiled = compile_fx(lifted, [*fake_consts, *fake_inputs], decompositions=DecompositionTable(tuple(lowered)))
+    # AOTAutograd's cache keys a graph before decomposition and leaves the decomposition table out
+    # of its key, so it would serve a graph decomposed by other qhl code (or another CPU plan);
+    # Inductor's FX graph cache keys the decomposed graph itself, so it alone is kept on.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = compile_fx(lifted, [*fake_consts, *fake_inputs], decompositions=DecompositionTable(tuple(lowered)))
     records = list(gm.meta.get(PACKED_META, []))
     log.info("qhl: Inductor compiled the CPU graph (%d constants) in %.1fs", len(consts), time.perf_counter() - t0)
 

@@ -95,6 +95,16 @@ def test_int8_mm_scaled_is_int_mm_times_the_weight_scale_bit_for_bit(m, k, n):
     assert torch.equal(y, torch._int_mm(q, wq.t()).float() * ws)
 
 
+def test_int8_mm_scaled_fake_face_gives_shape_and_dtype():
+    """The fake face (what Inductor traces the extern call with): [M, N] float32, dynamic M kept."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(7, 96, dtype=torch.int8)
+        y = torch.ops.qhl.int8_mm_scaled(q, torch.empty(40, 96, dtype=torch.int8), torch.empty(40))
+    assert y.shape == (7, 40) and y.dtype == torch.float32
+
+
 @pytest.mark.skipif(not cpu_onednn.available(), reason="oneDNN's prepacked int8 GEMM is used only on CPUs with AMX")
 def test_prepacked_weight_is_packed_once_and_follows_an_in_place_change(monkeypatch):
     """The prepacked copy is made on the first call for a weight and reused after; when the int8
