@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--target", dest="onnx_target", default="standard", choices=("standard", "onnxruntime"),
                    help="standard ONNX, or ONNX Runtime contrib ops where they are faster")
-    p.add_argument("--opset", type=int, default=21, help="default-domain opset (>= 21)")
+    p.add_argument("--opset", type=int, default=23,
+                   help="default-domain opset (>= 21; 23 exports attention as one Attention node)")
     p.add_argument("--check", action="store_true",
                    help="open the file in ONNX Runtime: parity vs qhl's torch output, speed vs the float32 export")
     p.add_argument("--runs", type=int, default=7, help="timed runs for --check (median is reported)")

@@ -163,7 +163,9 @@ def _config(kind: str):
     raise QhlError(f"unknown config model kind {kind!r}; valid kinds: {list(CONFIG_KINDS)}")
 
 
-def config_model(kind: str, seed: int = 0) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+def config_model(
+    kind: str, seed: int = 0, attn_implementation: str = "eager"
+) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """A tiny random-weight transformers model of `kind` ("llama", "bert", "gpt2") in eval mode,
     and example inputs (input_ids [2, 16]). Deterministic for a given seed."""
     if kind not in CONFIG_KINDS:
@@ -173,8 +175,9 @@ def config_model(kind: str, seed: int = 0) -> tuple[torch.nn.Module, tuple[torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = _config(kind)
-    # Eager attention: SDPA dispatch differs across builds and the tests want one stable graph.
-    config._attn_implementation = "eager"
+    # Eager attention by default: SDPA dispatch differs across builds and the tests want one
+    # stable graph ("sdpa" checks the ONNX export's Attention node).
+    config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     cls = AutoModel if kind == "bert" else AutoModelForCausalLM
     model = cls.from_config(config)

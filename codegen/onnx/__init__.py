@@ -1,6 +1,6 @@
 """qhl.codegen.onnx: the onnx face of every qhl:: op, one file per form.
 
-    torch.ops.qhl.quantize_per_token  ->  per_token_quant.py   Abs/ReduceMax scale + blocked QuantizeLinear
+    torch.ops.qhl.quantize_per_token  ->  per_token_quant.py   ReduceMax/ReduceMin scale + blocked QuantizeLinear
     torch.ops.qhl.w8a8_linear         ->  w8a8.py              uint8 (zp 128) QuantizeLinear + MatMulInteger + scale Muls
     torch.ops.qhl.w8a16_linear        ->  w8a16.py             Cast(int8 W) + MatMul + Mul
     torch.ops.qhl.w4a16_linear        ->  w4a16.py             blocked uint4 DequantizeLinear + MatMul

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from qhl import hadamard as hlib
-from qhl.codegen.onnx.per_token_quant import _float32, const, opset, static_dim
+from qhl.codegen.onnx.per_token_quant import QUANT_OPS, _float32, const, opset, per_token_scale, static_dim
 from qhl.errors import UnsupportedError
 
 __all__ = [
@@ -52,7 +52,6 @@ FORMULATION = "kron"  # measured fastest in ORT at every size (module docstring)
 KRON_ONE_FACTOR_MAX_P = 64  # P up to this: one MatMul by H_P; above: two, by H_a and H_c
 
 _KRON_OPS = ["Cast", "Reshape", "MatMul", "Mul", "Shape"]  # what the default formulation emits
-_QUANT_OPS = ["Abs", "ReduceMax", "Div", "Greater", "Where", "Expand", "QuantizeLinear"]
 OPS: dict[str, list[str]] = {"standard": _KRON_OPS, "onnxruntime": _KRON_OPS}
 
 
@@ -152,10 +151,7 @@ def translate_quantize(x: Any, block_size: int, bits: int) -> tuple[Any, Any]:
         raise UnsupportedError(f"qhl::hadamard_quantize_per_token: bits={bits}; valid: {QUANT_BITS}")
     op = opset()
     v = _float32(x) if block_size == -1 else rotate(x, block_size)
-    qmax = float(2 ** (bits - 1) - 1)
-    amax = op.ReduceMax(op.Abs(v), const([-1], np.int64), keepdims=1)
-    s = op.Div(amax, const(qmax))
-    s = op.Where(op.Greater(s, const(0.0)), s, const(1.0))
+    s = per_token_scale(v, 2 ** (bits - 1) - 1)
     n = static_dim(x, -1)
     zp = op.Expand(const(0, np.int8), op.Shape(s))  # blocked Q: the zero point has s's shape
     q = op.QuantizeLinear(v, s, zp, axis=-1, block_size=n)
@@ -165,7 +161,7 @@ def translate_quantize(x: Any, block_size: int, bits: int) -> tuple[Any, Any]:
 class _QuantizeForm:
     """FORM_MODULES entry for qhl::hadamard_quantize_per_token (its translate is translate_quantize)."""
 
-    OPS = {t: sorted(set(v + _QUANT_OPS)) for t, v in OPS.items()}
+    OPS = {t: sorted(set(v + QUANT_OPS)) for t, v in OPS.items()}
     translate = staticmethod(translate_quantize)
 
 

@@ -32,25 +32,19 @@ from typing import Any
 
 import numpy as np
 
-from qhl.codegen.onnx.per_token_quant import _float32, _quantize, const, opset
+from qhl.codegen.onnx.per_token_quant import QUANT_OPS, _float32, _quantize, const, opset, per_token_scale
 from qhl.codegen.onnx.w4a16 import _static_shape, unpack_codes
 from qhl.errors import UnsupportedError
 
 __all__ = ["OPS", "translate_w4ax", "per_token_scale_bits"]
 
-_OPS = [
-    "Abs", "ReduceMax", "Div", "Greater", "Where", "Shape", "Expand", "QuantizeLinear",
-    "MatMulInteger", "Cast", "Mul", "Add",
-]
+_OPS = QUANT_OPS + ["MatMulInteger", "Cast", "Mul", "Add"]
 OPS: dict[str, list[str]] = {"standard": _OPS, "onnxruntime": _OPS}
 
 
 def per_token_scale_bits(x: Any, qmax: int) -> Any:
     """s [..., 1] = amax(|x|, -1) / qmax, and 1 where that is 0."""
-    op = opset()
-    amax = op.ReduceMax(op.Abs(x), const([-1], np.int64), keepdims=1)
-    s = op.Div(amax, const(float(qmax)))
-    return op.Where(op.Greater(s, const(0.0)), s, const(1.0))
+    return per_token_scale(x, qmax)
 
 
 def _rotate(x: Any, hadamard_block: int) -> Any:
