@@ -8,7 +8,7 @@
     torch.ops.qhl.blocklr_linear      ->  blocklr.py           Slice + 2k MatMuls (float16 factors) + Concat
     torch.ops.qhl.lr_w4a16_linear     ->  lr_w4a16.py          low-rank MatMuls + w4a16's DequantizeLinear/MatMul, Add
 
-TRANSLATIONS (standard ONNX, opset 21) is what `qhl.export_onnx` hands torch.onnx.export as its
+TRANSLATIONS (standard ONNX, opset >= 21; exports use 23) is what `qhl.export_onnx` hands torch.onnx.export as its
 custom_translation_table; `translation_table("onnxruntime")` swaps in contrib ops where they
 were measured faster. `ops_for_form(form, target)` lists the ONNX op types a form becomes, for
 the inspect report. Importing this package does not import onnxscript.

@@ -1,4 +1,4 @@
-"""ONNX face of qhl::blocklr_linear: a k x k grid of low-rank blocks, standard ONNX (opset 21).
+"""ONNX face of qhl::blocklr_linear: a k x k grid of low-rank blocks, standard ONNX (opset >= 21).
 
 With R_n = the ranks of column block n's blocks and R_j those of row block j (codegen/lowrank.py's
 flat layout, block b = j*k + n owning rows offs[b]:offs[b+1] of u [R, N/k] and v [R, K/k]):

@@ -1,4 +1,4 @@
-"""ONNX face of qhl::gralora_linear and qhl::gralora_w4a16_linear (unmerged adapters), opset 21.
+"""ONNX face of qhl::gralora_linear and qhl::gralora_w4a16_linear (unmerged adapters), opset >= 21.
 
 With T = prod(x.shape[:-1]), k blocks, I = in/k, O = out/k, R the rank, c = R/k
 (codegen/gralora.py has the math):

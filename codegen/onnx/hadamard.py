@@ -1,4 +1,4 @@
-"""ONNX face of qhl::hadamard and qhl::hadamard_quantize_per_token (standard ONNX, opset 21).
+"""ONNX face of qhl::hadamard and qhl::hadamard_quantize_per_token (standard ONNX, opset >= 21).
 
 Three formulations of y = x @ M, M = I_{n/b} ⊗ hadamard_matrix(b), b = K · P (P = 2^m):
 

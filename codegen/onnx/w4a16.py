@@ -1,6 +1,6 @@
 """ONNX face of qhl::w4a16_linear: int4 group-wise weights (blocked uint4), float activations.
 
-standard (opset 21):
+standard (opset >= 21):
 
     packed [N, K/2] uint8 ─ BitwiseAnd(15) / BitShift(4) ─ interleave ─ codes [N, K]
       ─ Transpose ─ Cast(uint4) ─────────────────────────────┐   (folded into a uint4

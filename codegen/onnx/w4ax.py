@@ -1,4 +1,4 @@
-"""ONNX face of qhl::w4a8_linear and qhl::w4a4_linear (standard ONNX, opset 21).
+"""ONNX face of qhl::w4a8_linear and qhl::w4a4_linear (standard ONNX, opset >= 21).
 
     x [..., K] float ─ [rotation] ─ s_x = amax / qmax ─ QuantizeLinear(uint8, zp 128) ─ xq ─┐
     w_packed [N, K/2] ─ BitwiseAnd / BitShift ─ codes q + 8 [N, K] ─ Transpose ─ Cast(int8)│
