@@ -335,13 +335,15 @@ def test_onnxruntime_target_emits_matmulnbits_level_0(tmp_path):
     assert _cos(got, res.report.graph_module(x).detach().numpy()) >= 0.9999
 
 
-def test_onnxruntime_target_w8a8_scales_inside_the_gemm(tmp_path):
-    # MatMulIntegerToFloat takes s_x [..., 1] as a per-row a_scale and s_w; the bias must stay an
-    # Add (given to the contrib op with a per-row a_scale, ORT would scale it by s_x as well)
+def test_onnxruntime_target_w8a8_weight_scale_inside_the_gemm(tmp_path):
+    # MatMulIntegerToFloat applies s_w; s_x and the bias stay a Mul and an Add (the contrib op's
+    # own bias input is not used: with a per-row scale ORT would scale the bias too)
     model, (x,) = _mlp()
     res = export_onnx(model, (x,), tmp_path / "mlp_w8a8_ort.onnx", recipe="w8a8", target="onnxruntime")
     assert res.ops.get("com.microsoft::MatMulIntegerToFloat") == 2
-    assert "MatMulInteger" not in res.ops and "Mul" not in res.ops and res.ops.get("Add") == 2
+    assert "MatMulInteger" not in res.ops and res.ops.get("Mul") == 2 and res.ops.get("Add") == 2
+    nodes = [n for n in onnx.load(str(res.path)).graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert all(len(n.input) == 5 for n in nodes)  # A, B, a_scale, b_scale, a_zero_point: no bias
     gm = res.report.graph_module
     sess = qort.session(res.path)
     for inp in (x, torch.randn(3, 5, 64)):
