@@ -22,6 +22,9 @@ measured on the 4x Linear(4096) stack in ONNX Runtime 1.32 CPU (docs/onnx.md has
   into MatMulIntegerToFloat although s_x is per token, and the fused node then scales the bias by
   s_x too (measured 15-80 % error per row on one Linear(512); exact without a bias). The two
   chained Muls below are not matched.
+* DequantizeLinear on the int32 accumulator (per-axis s_w, or blocked s_x) in place of Cast + one
+  Mul: the same floats, no faster in ORT 1.32 (MiniLM 1.45-1.47x vs 1.49x float32, the 4096
+  stack within 3 %; one A/B run, 2026-12-03).
 
 onnxruntime target: com.microsoft::MatMulIntegerToFloat(q, Wq^T, 1, s_w, 128) applies the
 per-channel weight scale inside the GEMM's output stage (saving the Cast and one Mul pass over
