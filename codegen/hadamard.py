@@ -15,20 +15,19 @@
 
 The transform of one row of size n = K·2^m (qhl.hadamard.hadamard_plan), with the K-chunk slowest:
 
-    z = x.reshape(K, 2^m) @ H_{2^m}     log2(2^m) butterfly stages  (a, b) -> (a + b, a - b)
+    z = x.reshape(K, 2^m) @ H_{2^m}     the Sylvester part, as GEMMs (below)
     y = H_Kᵀ @ z / sqrt(n)              a K×K matmul across the chunks (H_K for transpose=True)
 
-O(n log n + n K) work, never a dense n×n matmul. For up to 16 rows (decoding), the CPU spec runs
-the 2^m part as two small GEMMs instead, H_{2^m} = H_a ⊗ H_b with a·b = 2^m (O(n^1.5) work, but
-two calls instead of log2(n) of them). Otherwise it runs the butterflies on two
-reused ping-pong buffers (torch.add/sub with out=), largest stride first, and the last
-log2(16) = 4 stages as one [.., 16] @ H_16 matmul: strided add/sub on 1..8-wide halves is
-slow in eager torch, a 16-point Hadamard is the same ±1 sum and runs as one small GEMM
-(measured on this 2-core box, 1 thread, 64-512 rows: 1.9-3.3x faster than all-add/sub stages at
-n = 1536..4096). Inputs under 32768 values run all stages as add/sub, and a tiny K stage as a
-broadcast multiply-sum: a small BLAS call can stall for milliseconds on a busy OpenMP worker.
-benchmarks/hadamard_speed.py: the op vs x @ hadamard_matrix(n), 1 thread: 13x (1 row), 24x (64),
-29x (512) at n = 4096.
+The Sylvester part is one GEMM by H_p for p = 2^m <= 64 and otherwise two, by the Kronecker
+factors H_p = H_a ⊗ H_b (a·b = p): a run viewed as an [a, b] matrix X maps to H_a X H_b, one GEMM
+on the right over all runs and one batched GEMM on the left, with no transposes. That is
+O(n·(K + sqrt(p))) work instead of the butterflies' O(n log n), but two BLAS calls instead of
+log2(p) memory passes: measured on the AMX Xeon (2026-12-03, 1 and 2 threads, 1-512 rows),
+1.2-4.6x faster than butterflies (with their last 4 stages as one H_16 GEMM) at n = 384..4096,
+the same at 11008 (whose K = 172 stage dominates). It is also the ONNX face's formulation. A
+tiny K stage (under 32768 values) runs as a broadcast multiply-sum: a small BLAS call can stall
+for milliseconds on a busy OpenMP worker (measured on the earlier EPYC machine).
+benchmarks/hadamard_speed.py: the op against x @ hadamard_matrix(n).
 
 Faces: spec (here, CPU), fake, kernel (codegen/triton/hadamard.py, CUDA), grad (hadamard only:
 dx = hadamard(dy, block_size, not transpose), since M⁻¹ = Mᵀ), onnx (codegen/onnx/hadamard.py).
@@ -51,17 +50,14 @@ __all__ = [
     "hadamard_spec",
     "hadamard_quantize_per_token",
     "hadamard_quantize_per_token_spec",
+    "hadamard_quantize_per_token_cpu",
     "resolve_block",
     "QUANT_BITS",
 ]
 
 QUANT_BITS = (4, 8)
-_BASE = 16  # the butterfly's last log2(_BASE) stages run as one [.., 16] @ H_16 matmul
-_MATMUL_BASE_MIN_NUMEL = 32768  # ... on inputs at least this big (torch's parallel grain size)
-# Up to this many transforms (rows x blocks), the 2^m part runs as two GEMMs (_kron_sylvester):
-# measured on this 2-core box against the butterflies, n = 576 / 1536 / 4096: 1.7x / 2.3x / 4.2x
-# faster at 1 row, 1.1x / 1.8x / 1.4x at 16 rows, 0.9x at 32 rows.
-_KRON_MAX_RUNS = 16
+_ONE_GEMM_MAX = 64  # a power-of-two part up to this size is one GEMM by H_p; above, two (H_a ⊗ H_b)
+_TINY_NUMEL = 32768  # K stages on inputs below this (torch's parallel grain) skip BLAS
 
 
 def resolve_block(n: int, block_size: int) -> int:
@@ -91,57 +87,33 @@ def _factor(k: int, dtype: torch.dtype, transpose: bool) -> Tensor:
     return h if transpose else h.T.contiguous()
 
 
-def _butterflies(a: Tensor, b: Tensor, p: int) -> Tensor:
-    """Unnormalised Sylvester transform of every length-p run of `a` (flat contiguous buffers
-    a and b of equal size, both overwritten); returns the buffer that holds the result."""
-    # Small inputs run every stage as add/sub: a tiny BLAS call can wait on a busy OpenMP
-    # thread for milliseconds on a loaded machine, elementwise ops below torch's grain size don't.
-    stop = _BASE if a.numel() >= _MATMUL_BASE_MIN_NUMEL else 1
-    h = p // 2
-    while h >= stop:  # stage with half-width h: (first half, second half) -> (sum, difference)
-        src, dst = a.view(-1, 2, h), b.view(-1, 2, h)
-        torch.add(src[:, 0], src[:, 1], out=dst[:, 0])
-        torch.sub(src[:, 0], src[:, 1], out=dst[:, 1])
-        a, b = b, a
-        h //= 2
-    base = min(p, _BASE)
-    if base > 1 and h >= 1:
-        torch.matmul(a.view(-1, base), hlib.hadamard_factor(base, a.dtype), out=b.view(-1, base))
-        a = b
-    return a
-
-
-def _kron_sylvester(x: Tensor, p: int) -> Tensor:
-    """Unnormalised Sylvester transform of every length-p run of the flat tensor x, as two small
-    GEMMs: H_p = H_a ⊗ H_b (a * b = p), so a run viewed as an [a, b] matrix X maps to H_a X H_b
-    (Sylvester matrices are symmetric). A new flat tensor."""
+def _sylvester(x: Tensor, p: int) -> Tensor:
+    """Unnormalised Sylvester transform of every length-p run of the flat tensor x, as GEMMs:
+    one by H_p for p <= 64; above, H_p = H_a ⊗ H_b (a * b = p, a <= b), so a run viewed as an
+    [a, b] matrix X maps to H_a X H_b (Sylvester matrices are symmetric): one GEMM on the right
+    over all runs, then one batched GEMM on the left. No transposes, a new flat tensor."""
+    if p <= _ONE_GEMM_MAX:
+        return torch.matmul(x.view(-1, p), hlib.hadamard_factor(p, x.dtype)).view(-1)
     m = p.bit_length() - 1
     a, b = 1 << (m // 2), 1 << (m - m // 2)
-    runs = x.numel() // p
-    z = torch.matmul(x.view(-1, b), _factor(b, x.dtype, True)).view(runs, a, b)
-    z = torch.matmul(z.transpose(1, 2).reshape(-1, a), _factor(a, x.dtype, True))
-    return z.view(runs, b, a).transpose(1, 2).contiguous().view(-1)
+    z = torch.matmul(x.view(-1, b), hlib.hadamard_factor(b, x.dtype))
+    return torch.matmul(hlib.hadamard_factor(a, x.dtype), z.view(-1, a, b)).view(-1)
 
 
 def _transform_rows(x2: Tensor, b: int, transpose: bool) -> Tensor:
     """x2 [R, n] (compute dtype, n % b == 0) -> x2 @ (I ⊗ H_b) (or its transpose), a new tensor."""
     k, p = hlib.hadamard_plan(b)
-    if x2.numel() // b <= _KRON_MAX_RUNS and p >= _BASE:
-        # few rows (decoding): two GEMMs beat log2(p) op dispatches; x2 is only read
-        a = z = _kron_sylvester(x2.contiguous().view(-1), p)
-        buf = torch.empty_like(z) if k > 1 else z  # the K stage below writes into buf
-    else:
-        a = x2.contiguous().clone().view(-1)
-        buf = torch.empty_like(a)
-        z = _butterflies(a, buf, p)
+    flat = x2.contiguous().view(-1)
+    z = _sylvester(flat, p) if p > 1 else flat
+    if k == 1 and p == 1:
+        z = z.clone()  # n = 1: the result must not alias the input (scaled in place below)
     if k > 1:
         zk = z.view(-1, k, p)
-        other = buf if z is a else a
         a_mat = _factor(k, z.dtype, transpose)
-        if z.numel() * k < _MATMUL_BASE_MIN_NUMEL:  # tiny: broadcast multiply-sum, no BLAS call
-            z = torch.sum(a_mat[:, :, None] * zk[:, None, :, :], dim=2, out=other.view(-1, k, p)).view(-1)
+        if z.numel() * k < _TINY_NUMEL:  # tiny: broadcast multiply-sum, no BLAS call
+            z = torch.sum(a_mat[:, :, None] * zk[:, None, :, :], dim=2).view(-1)
         else:
-            z = torch.matmul(a_mat, zk, out=other.view(-1, k, p)).view(-1)
+            z = torch.matmul(a_mat, zk).view(-1)
     return z.view(x2.shape).mul_(1.0 / math.sqrt(b))
 
 
@@ -226,6 +198,23 @@ def _(x: Tensor, block_size: int, bits: int) -> tuple[Tensor, Tensor]:
         x.new_empty(x.shape, dtype=torch.int8),
         x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
     )
+
+
+@hadamard_quantize_per_token.register_kernel("cpu")
+def hadamard_quantize_per_token_cpu(x: Tensor, block_size: int, bits: int) -> tuple[Tensor, Tensor]:
+    """CPU face: the spec's rotation, then the per-token quantizer as one Inductor-fused loop
+    (codegen/cpu_fused.py, bit for bit the spec's quantizer) instead of ~6 eager passes; the
+    spec where Inductor cannot compile. Other ops' CPU faces may call it directly (no
+    dispatch, ~40 µs a call)."""
+    from qhl.codegen import cpu_fused
+
+    if x.numel() == 0 or not cpu_fused.enabled():
+        return hadamard_quantize_per_token_spec(x, block_size, bits)
+    _check_quant_args(block_size, bits)
+    v = x.float() if block_size == -1 else hadamard_spec(x.float(), block_size, False, True)
+    n = v.shape[-1]
+    q, scale = cpu_fused.per_token_codes(v.reshape(-1, n), 2 ** (bits - 1) - 1)
+    return q.view(v.shape), scale.view(*v.shape[:-1], 1)
 
 
 @hadamard_quantize_per_token.register_kernel("cuda")

@@ -48,6 +48,11 @@ def quantize_activations(x2: Tensor, hadamard_block: int, bits: int) -> tuple[Te
     hadamard_block >= 0 (by the fused qhl::hadamard_quantize_per_token op)."""
     if hadamard_block < 0:
         return quant.quantize_per_token_bits(x2, bits)
+    if x2.device.type == "cpu":
+        # the fused op's CPU face, called without a second dispatch (it has no grad face)
+        from qhl.codegen.hadamard import hadamard_quantize_per_token_cpu
+
+        return hadamard_quantize_per_token_cpu(x2, hadamard_block, bits)
     op = getattr(torch.ops.qhl, "hadamard_quantize_per_token", None)
     if op is None:
         from qhl.errors import UnsupportedError

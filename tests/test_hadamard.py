@@ -243,6 +243,20 @@ def test_fused_quant_is_quantize_of_hadamard(block):
         torch.ops.qhl.hadamard_quantize_per_token(x, 0, 3)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_quant_cpu_face_is_the_spec(bits):
+    """The CPU face quantizes with the Inductor-fused loop (codegen/cpu_fused.py; its tests cover
+    .5 ties): the same codes and scales as the spec, on a 3-D input with a zero row."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 64) * 3
+    x[1, 1] = 0
+    x[0, 2, 5] = 40.0
+    got = torch.ops.qhl.hadamard_quantize_per_token(x, 0, bits)
+    want = hadamard_quantize_per_token_spec(x, 0, bits)
+    assert got[0].shape == (2, 3, 64) and got[1].shape == (2, 3, 1)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_rotation_spreads_outlier():
     # the point of the rotation: an outlier channel no longer sets the whole row's 4-bit scale
     torch.manual_seed(2)
