@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import pathlib
 import platform
 import statistics
@@ -72,12 +73,19 @@ def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) ->
 
 
 def rotated(names: list[str], rep: int) -> list[str]:
-    """`names` rotated by `rep`: the round-robin order of one repetition. The variant that runs
-    right after another's large working set pays for the caches that one evicted (measured with
-    eager float32 before a 4 x 4096^2 int8 stack at 512 tokens: about 2 ms of 30), so no variant
-    may always sit in that place."""
-    k = rep % len(names) if names else 0
-    return names[k:] + names[:k]
+    """The round-robin order of repetition `rep`: `names` rotated by `rep`, with the order of
+    the others shuffled (seeded by `rep`, so a run is repeatable). The variant that runs right
+    after another's large working set pays for the caches that one evicted (measured with eager
+    float32 before a 4 x 4096^2 int8 stack at 512 tokens: about 2 ms of 30). A plain rotation
+    keeps the cyclic order, so a variant would sit right after the same neighbour in all but
+    one of every len(names) repetitions; here each goes first equally often, and the places and
+    neighbours of the rest change at random."""
+    if not names:
+        return []
+    k = rep % len(names)
+    first, rest = names[k], names[:k] + names[k + 1:]
+    random.Random(rep).shuffle(rest)
+    return [first] + rest
 
 
 def round_robin(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[str, dict[str, float]]:
