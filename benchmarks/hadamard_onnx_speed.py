@@ -54,7 +54,8 @@ def main() -> None:
     sessions, exports, parity = {}, {}, {}
     for label, recipe, knobs in VARIANTS:
         res = qhl.export_onnx(model, (ids[:, :64],), tmp / f"{label.split()[0]}_{len(exports)}.onnx", recipe=recipe, **knobs)
-        sessions[label] = qort.session(res.path, threads=args.threads)
+        # spinning off: round-robin sessions with spinning threads slow each other (onnx_speed.py)
+        sessions[label] = qort.session(res.path, threads=args.threads, spinning=False)
         exports[label] = dict(seconds=res.seconds, size_bytes=res.size_bytes, ops=res.ops)
         log.info("exported %s in %.0fs (%d bytes)", label, res.seconds, res.size_bytes)
         # parity: ORT against qhl's torch graph for the same recipe, on 64 tokens
