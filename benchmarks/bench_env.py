@@ -8,9 +8,9 @@ import hashlib
 import json
 import math
 import os
-import random
 import pathlib
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable

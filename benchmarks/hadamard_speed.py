@@ -1,9 +1,9 @@
 """CPU speed of the qhl::hadamard op (its spec face: the Sylvester part as one or two GEMMs by
 H_a ⊗ H_b, then the K×K stage) against a dense matmul by the same matrix, x @ qhl.hadamard_matrix(n),
-in one run. The spec's formulation is also A/B'd against the one it replaced before 2026-12-03
-(butterfly stages; benchmarks/hadamard_previous.py, kept only as this baseline): both called as
-plain functions (`hadamard_spec` and `previous`), so the op's dispatch cost (~40 µs, which the
-FWHT column includes) is in neither.
+in one run. The spec's transform is also A/B'd against the one it replaced before 2026-12-03
+(butterfly stages; benchmarks/hadamard_previous.py, kept only as this baseline): the same inner
+function of each (`_transform_rows`), so neither pays the op's dispatch (~35 µs, which the FWHT
+column includes) or the spec's argument checks.
 
 n = 576 (36·16), 1536 (12·128), 4096 (2^12); 1, 64 and 512 rows of float32; under no_grad.
 All variants are timed round-robin (one call of each in turn, so a noisy neighbour slows both
@@ -35,7 +35,7 @@ from bench_env import machine, round_robin_ms, write_results  # noqa: E402
 import qhl  # noqa: E402
 import qhl.codegen  # noqa: E402,F401  (registers torch.ops.qhl.hadamard)
 from hadamard_previous import previous  # noqa: E402
-from qhl.codegen.hadamard import hadamard_spec  # noqa: E402
+from qhl.codegen.hadamard import _transform_rows  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SIZES = (576, 1536, 4096)
@@ -50,11 +50,11 @@ def bench(reps: int, threads: int) -> list[dict[str, Any]]:
         for r in ROWS:
             x = torch.randn(r, n)
             fns = {"fwht": lambda: torch.ops.qhl.hadamard(x), "dense": lambda: x @ h}
-            ab = {"spec": lambda: hadamard_spec(x), "previous": lambda: previous(x)}
+            ab = {"spec": lambda: _transform_rows(x, n, False), "previous": lambda: previous(x)}
             err = (fns["fwht"]() - fns["dense"]()).abs().max().item()
             err_prev = (ab["previous"]() - fns["dense"]()).abs().max().item()
-            # two round-robins: the call right after the dense product's large working set pays
-            # for the caches it evicted, and rotation keeps each variant after the same neighbour
+            # the A/B pair in a round-robin of its own: the call right after the dense product's
+            # large working set pays for the caches it evicted
             times = round_robin_ms(fns, reps, warmup=3) | round_robin_ms(ab, reps, warmup=3)
             med = {k: statistics.median(t) for k, t in times.items()}
             ratios = [d / f for d, f in zip(times["dense"], times["fwht"])]

@@ -22,9 +22,10 @@ The Sylvester part is one GEMM by H_p for p = 2^m <= 64 and otherwise two, by th
 factors H_p = H_a ⊗ H_b (a·b = p): a run viewed as an [a, b] matrix X maps to H_a X H_b, one GEMM
 on the right over all runs and one batched GEMM on the left, with no transposes. That is
 O(n·(K + sqrt(p))) work instead of the butterflies' O(n log n), but two BLAS calls instead of
-log2(p) memory passes: measured on the AMX Xeon (2026-12-03, 1 and 2 threads, 1-512 rows),
-1.2-4.6x faster than butterflies (with their last 4 stages as one H_16 GEMM) at n = 384..4096,
-the same at 11008 (whose K = 172 stage dominates). It is also the ONNX face's formulation. A
+log2(p) memory passes: measured on the AMX Xeon (benchmarks/hadamard_speed.py, 2026-12-03, 1
+and 2 threads, n = 576 / 1536 / 4096), 1.16-2.6x faster than the butterflies (their last 4
+stages as one H_16 GEMM) at 64-512 rows and 0.92-1.56x at 1 row. It is also the ONNX face's
+formulation. A
 tiny K stage (under 32768 values) runs as a broadcast multiply-sum: a small BLAS call can stall
 for milliseconds on a busy OpenMP worker (measured on the earlier EPYC machine).
 benchmarks/hadamard_speed.py: the op against x @ hadamard_matrix(n).
@@ -173,10 +174,15 @@ def _check_quant_args(block_size: int, bits: int) -> None:
         )
 
 
+def _rotated_float32(x: Tensor, block_size: int, bits: int) -> Tensor:
+    """v = x H in float32 (v = x for block_size = -1), after checking the arguments."""
+    _check_quant_args(block_size, bits)
+    return x.float() if block_size == -1 else hadamard_spec(x.float(), block_size, False, True)
+
+
 def hadamard_quantize_per_token_spec(x: Tensor, block_size: int, bits: int) -> tuple[Tensor, Tensor]:
     """The definition of qhl::hadamard_quantize_per_token (see the module docstring)."""
-    _check_quant_args(block_size, bits)
-    v = x.float() if block_size == -1 else hadamard_spec(x.float(), block_size, False, True)
+    v = _rotated_float32(x, block_size, bits)
     qmax = 2 ** (bits - 1) - 1
     scale = quant._safe_scale(v.abs().amax(dim=-1, keepdim=True), qmax)
     q = torch.round(v / scale).clamp_(-qmax, qmax).to(torch.int8)
@@ -205,13 +211,12 @@ def hadamard_quantize_per_token_cpu(x: Tensor, block_size: int, bits: int) -> tu
     """CPU face: the spec's rotation, then the per-token quantizer as one Inductor-fused loop
     (codegen/cpu_fused.py, bit for bit the spec's quantizer) instead of ~6 eager passes; the
     spec where Inductor cannot compile. Other ops' CPU faces may call it directly (no
-    dispatch, ~40 µs a call)."""
+    dispatch, ~35 µs a call)."""
     from qhl.codegen import cpu_fused
 
     if x.numel() == 0 or not cpu_fused.enabled():
         return hadamard_quantize_per_token_spec(x, block_size, bits)
-    _check_quant_args(block_size, bits)
-    v = x.float() if block_size == -1 else hadamard_spec(x.float(), block_size, False, True)
+    v = _rotated_float32(x, block_size, bits)
     n = v.shape[-1]
     q, scale = cpu_fused.per_token_codes(v.reshape(-1, n), 2 ** (bits - 1) - 1)
     return q.view(v.shape), scale.view(*v.shape[:-1], 1)
