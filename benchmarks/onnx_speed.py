@@ -49,6 +49,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 WIDTH, DEPTH = 4096, 4
 LEVEL4 = "qhl w4a16 file, session accuracy level 4 (int8 activations: not W4A16)"
 ROUND = "qhl w8a8, Round/Clip/Cast quantizer"
+U8S8 = "qhl w8a8, int8_operands=u8s8"  # int8 weights: exact only on CPUs with VNNI/AMX
 F32_OPSET21 = "float32, opset 21 (attention as MatMul/Softmax/NaN guard)"
 QD_DEFAULT = "ORT quantize_dynamic, defaults (also quantizes Attention)"
 QD_OPSET21 = "ORT quantize_dynamic on the opset-21 float32 file"
@@ -99,11 +100,13 @@ def bench_stack(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
         ("float32", "float", {}),
         ("qhl w8a8", "w8a8", {}),
         ("qhl w8a8 (ort target)", "w8a8", {"target": "onnxruntime"}),
+        (U8S8, "w8a8", {"int8_operands": "u8s8"}),
         ("qhl w8a16", "w8a16", {}),
         ("qhl w4a16", "w4a16", {"group_size": 128}),
         ("qhl w4a16 (ort target)", "w4a16", {"group_size": 128, "target": "onnxruntime"}),
     ]:
-        res = export_onnx(model, example, tmp / f"stack_{recipe}_{kw.get('target', 'std')}.onnx", recipe=recipe, **kw)
+        tag = "_".join(str(v) for v in kw.values()) or "std"
+        res = export_onnx(model, example, tmp / f"stack_{recipe}_{tag}.onnx", recipe=recipe, **kw)
         files[name], export_s[name] = res.path, res.seconds
         log.info("exported %s in %.1fs: %s", name, res.seconds, res.ops)
     # the same w8a8 export with the Div/Round/Clip/Cast quantizer instead of QuantizeLinear (A/B)
@@ -123,7 +126,7 @@ def bench_stack(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
     for t in TOKENS:
         x = torch.randn(1, t, WIDTH, generator=torch.Generator().manual_seed(t))
         outs = {n: qort.run(s, (x,))[0] for n, s in sessions.items()}
-        names = list(sessions) if t == 1 else ["float32", "qhl w8a8", ROUND, "qhl w8a8 (ort target)",
+        names = list(sessions) if t == 1 else ["float32", "qhl w8a8", ROUND, "qhl w8a8 (ort target)", U8S8,
                                                    "ORT quantize_dynamic", "qhl w4a16", LEVEL4]
         timing = round_robin({n: (lambda s=sessions[n], f={sessions[n].get_inputs()[0].name: x.numpy()}: s.run(None, f))
                               for n in names}, reps)
@@ -159,7 +162,7 @@ def bench_minilm(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
     files, export_s, torch_cos, notes = {}, {}, {}, []
     for name, recipe, kw in [("float32", "float", {}), (F32_OPSET21, "float", {"opset": 21}),
                              ("qhl w8a8", "w8a8", {}), ("qhl w8a8 (ort target)", "w8a8", {"target": "onnxruntime"}),
-                             ("qhl w8a16", "w8a16", {}), ("qhl w4a16", "w4a16", {})]:
+                             (U8S8, "w8a8", {"int8_operands": "u8s8"}), ("qhl w8a16", "w8a16", {}), ("qhl w4a16", "w4a16", {})]:
         tag = "_".join(str(v) for v in kw.values()) or "std"
         res = export_onnx(enc, example, tmp / f"minilm_{recipe}_{tag}.onnx", recipe=recipe, **kw)
         files[name], export_s[name] = res.path, res.seconds
@@ -237,11 +240,16 @@ def _formulation_models() -> dict[str, Any]:
              h.make_node("Add", ["xr", "c128"], ["xa"]), h.make_node("Clip", ["xa", "lo", "hi"], ["xc"]),
              h.make_node("Cast", ["xc"], ["xq"], to=T.UINT8), h.make_node("MatMulInteger", ["xq", "wqT", "azp"], ["acc"])],
             [c("lo", np.float32(1)), c("hi", np.float32(255)), c("c128", np.float32(128)), c("azp", np.uint8(128))]),
-        "w8a8 u8 zp128: blocked QuantizeLinear + MatMulInteger (qhl)": (
+        "w8a8 u8 zp128 x s8: blocked QuantizeLinear + MatMulInteger (qhl, int8_operands=u8s8)": (
             [h.make_node("Shape", ["sx"], ["shp"]), h.make_node("Expand", ["azp", "shp"], ["zpe"]),
              h.make_node("QuantizeLinear", ["x", "sx", "zpe"], ["xq"], axis=-1, block_size=k),
              h.make_node("MatMulInteger", ["xq", "wqT", "azp"], ["acc"])],
             [c("azp", np.uint8(128))]),
+        "w8a8 u8 zp128 x u8 zp128: blocked QuantizeLinear + MatMulInteger (qhl default, u8u8)": (
+            [h.make_node("Shape", ["sx"], ["shp"]), h.make_node("Expand", ["azp", "shp"], ["zpe"]),
+             h.make_node("QuantizeLinear", ["x", "sx", "zpe"], ["xq"], axis=-1, block_size=k),
+             h.make_node("MatMulInteger", ["xq", "wqTu", "azp", "azp"], ["acc"])],
+            [c("azp", np.uint8(128)), c("wqTu", (wq.T.astype(np.int16) + 128).astype(np.uint8))]),
         "w8a8 QDQ: Q -> DQ (per token) + DQ(W) + MatMul": (
             [h.make_node("Shape", ["sx"], ["shp"]), h.make_node("Expand", ["azp", "shp"], ["zpe"]),
              h.make_node("QuantizeLinear", ["x", "sx", "zpe"], ["xq"], axis=-1, block_size=k),
@@ -314,7 +322,7 @@ def machine() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
         "load_avg_at_start": os.getloadavg(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-        "python": platform.python_version(),
+        "python": platform.python_version(), "u8s8_exact": qort.u8s8_is_exact(),
     }
 
 
@@ -324,7 +332,8 @@ def to_markdown(res: dict[str, Any]) -> str:
            f"{m['date']}, {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
            f"load average at start {', '.join(f'{v:.1f}' for v in m['load_avg_at_start'])} (shared machine: medians of "
            f"{res['reps']} round-robin runs). Sessions: ORT_ENABLE_ALL, MatMulNBits accuracy level 0, intra-op "
-           f"spinning {'on (ORT default)' if res.get('spinning') else 'off'}.", ""]
+           f"spinning {'on (ORT default)' if res.get('spinning') else 'off'}. ORT's u8 x s8 GEMM exact on this CPU "
+           f"(VNNI or AMX): {m.get('u8s8_exact', '?')}; qhl's default int8_operands is u8u8 (exact everywhere).", ""]
     if "stack" in res:
         s = res["stack"]
         out += ["## 4 x Linear(4096, 4096)", "",

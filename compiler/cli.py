@@ -93,7 +93,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     model, example_inputs = _load_factory(args.target)
     result = export_onnx(model, example_inputs, args.output, recipe=args.recipe, target=args.onnx_target,
-                         opset=args.opset, **dict(args.knob))
+                         opset=args.opset, int8_operands=args.int8_operands, **dict(args.knob))
     for row in result.report.layers:
         if row.form:
             print(f"  {row.path:<40} {row.form:<6} -> {' + '.join(row.onnx_ops)}")
@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="standard ONNX, or ONNX Runtime contrib ops where they are faster")
     p.add_argument("--opset", type=int, default=23,
                    help="default-domain opset (>= 21; 23 exports attention as one Attention node)")
+    p.add_argument("--int8-operands", default="u8u8", choices=("u8u8", "u8s8"),
+                   help="integer GEMMs' operand types: u8u8 is exact on every CPU; u8s8 is faster on CPUs with "
+                        "VNNI or AMX and saturates (wrong results) in ONNX Runtime on x86 CPUs without them")
     p.add_argument("--check", action="store_true",
                    help="open the file in ONNX Runtime: parity vs qhl's torch output, speed vs the float32 export")
     p.add_argument("--runs", type=int, default=7, help="timed runs for --check (median is reported)")

@@ -5,7 +5,8 @@
          UnsupportedError naming the node and its module path (nothing written)
       ─▶ torch.onnx.export(dynamo=True, custom_translation_table=qhl.codegen.onnx translations)
       ─▶ weight layouts folded (Transpose / int4 unpacking of initializers -> initializers);
-         4-bit codes kept 4-bit (symmetric int4 without zero points, w4a8/w4a4 codes as uint4)
+         4-bit codes kept 4-bit (symmetric int4 without zero points, w4a8/w4a4 codes as uint4);
+         int8 weights of integer GEMMs stored as uint8 (int8_operands="u8u8", below)
       ─▶ written (external data past 2 GB) ─▶ onnx.checker + shape inference
 
     result = qhl.export_onnx(model, (ids,), "model.onnx", recipe="w4a16", group_size=64)
@@ -15,6 +16,17 @@
 Batch and sequence axes (dims 0 and 1 of every tensor input) are dynamic unless the caller
 passes `dynamic_shapes`. Sessions opened through qhl.runtime.ort use MatMulNBits accuracy level
 0 (float activations, qhl's math); see docs/onnx.md.
+
+int8_operands: every integer GEMM of a qhl file takes uint8 activations (the int8 codes + 128,
+zero point 128). With int8 weights that is ONNX Runtime's u8 x s8 kernel, which on x86 CPUs
+without VNNI (AVX2, or AVX-512 without VNNI) multiplies with VPMADDUBSW: each pair of products is
+saturated to int16, and per-token int8 codes around 128 times weights up to 127 overflow it
+(measured on an AVX2 AMD EPYC: 3-24 % relative error per row, silently). "u8u8" (the default)
+stores such weights as uint8 (+128, zero point 128): the same integers, exact on every CPU,
+0.5-0.85x the u8 x s8 kernel's speed on that AVX2 machine. "u8s8" keeps int8 weights: faster on
+CPUs with VNNI or AMX, where it is exact; wrong on the others, and qhl.runtime.ort.session warns
+when it opens such a file there. Weights whose codes fit in [-64, 64] (4-bit forms) stay int8
+either way: two products of at most 255 * 64 cannot saturate.
 """
 from __future__ import annotations
 
@@ -54,6 +66,9 @@ _LAYOUT_OPS = {"Transpose", "BitwiseAnd", "BitwiseOr", "BitShift", "Unsqueeze", 
                "Reshape", "Slice", "Expand"}
 _LOW_BIT_CASTS = {"UINT4", "INT4", "UINT8", "INT8"}
 _FRAMEWORK_NAMESPACES = {"aten", "prims", "higher_order", "_operator", "onnx"}
+INT8_OPERANDS = ("u8u8", "u8s8")
+# |b| <= 64: a pair of u8 x s8 products (<= 2 * 255 * 64 = 32640) fits VPMADDUBSW's int16
+_NO_SATURATION_MAX = 64
 
 
 @dataclass
@@ -67,6 +82,7 @@ class ExportResult:
     target: str = "standard"
     opset: int = 21
     accuracy_level: int = 0
+    int8_operands: str = "u8u8"
     external_data: bool = False
     seconds: float = 0.0
     dynamic_shapes: Any = field(default=None, repr=False)
@@ -76,6 +92,7 @@ class ExportResult:
         return (
             f"wrote {self.path} ({self.size_bytes / 2**20:.2f} MiB{', external data' if self.external_data else ''}), "
             f"target {self.target}, opset {self.opset}, MatMulNBits accuracy level {self.accuracy_level}, "
+            f"int8 GEMMs {self.int8_operands}, "
             f"{self.seconds:.1f}s; ops: {top}"
         )
 
@@ -274,6 +291,48 @@ def _store_int4_codes(model: Any) -> int:
     return changed
 
 
+# (op type, domain) of integer GEMMs -> index of their b_zero_point input
+_INT_GEMMS = {("MatMulInteger", ""): 3, ("MatMulInteger", "ai.onnx"): 3, ("MatMulIntegerToFloat", "com.microsoft"): 5}
+
+
+def _unsigned_int8_weights(model: Any) -> int:
+    """int8 weight initializers of integer GEMMs -> uint8 (+128) with b_zero_point 128, where a
+    code exceeds [-64, 64] (see int8_operands in the module docstring). The same integers:
+    (b + 128) - 128 = b. Returns how many weights changed."""
+    import numpy as np
+    import onnx_ir as ir
+
+    changed = 0
+    for node in list(model.graph):
+        zp_index = _INT_GEMMS.get((node.op_type, node.domain))
+        if zp_index is None or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        zp = node.inputs[zp_index] if len(node.inputs) > zp_index else None
+        if w is None or w.const_value is None or not w.is_initializer() or zp is not None:
+            continue
+        codes = w.const_value.numpy()
+        if codes.dtype != np.int8 or int(np.abs(codes.astype(np.int16)).max(initial=0)) <= _NO_SATURATION_MAX:
+            continue
+        if len(w.uses()) != 1:  # shared with another reader: leave it, and say so
+            log.warning("int8 weight %s has %d readers; left as int8 (u8 x s8)", w.name, len(w.uses()))
+            continue
+        name = f"{w.name}_u8"
+        unsigned = ir.Value(name=name, shape=w.shape, type=ir.TensorType(ir.DataType.UINT8),
+                            const_value=ir.Tensor((codes.astype(np.int16) + 128).astype(np.uint8), name=name))
+        zero = ir.Value(name=f"{name}_zero_point", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.UINT8),
+                        const_value=ir.Tensor(np.array(128, np.uint8), name=f"{name}_zero_point"))
+        model.graph.register_initializer(unsigned)
+        model.graph.register_initializer(zero)
+        if len(node.inputs) <= zp_index:
+            node.resize_inputs(zp_index + 1)
+        node.replace_input_with(1, unsigned)
+        node.replace_input_with(zp_index, zero)
+        model.graph.initializers.pop(w.name)
+        changed += 1
+    return changed
+
+
 def _ops_histogram(model: Any) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
@@ -318,12 +377,18 @@ def export_onnx(
     target: str = "standard",
     opset: int = EXPORT_OPSET,
     check: bool = True,
+    int8_operands: str = "u8u8",
     **knobs: Any,
 ) -> ExportResult:
     """Rewrite `model` with `recipe` and write it as ONNX to `path` (see the module docstring)."""
     from qhl.codegen import onnx as onnx_codegen
 
     t0 = time.perf_counter()
+    if int8_operands not in INT8_OPERANDS:
+        raise UnsupportedError(
+            f"unknown int8_operands {int8_operands!r}; valid: {list(INT8_OPERANDS)} (u8u8: exact on every CPU; "
+            "u8s8: faster where the CPU has VNNI or AMX, saturating without)"
+        )
     path = pathlib.Path(path)
     _check_writable(path)
     if opset < onnx_codegen.DEFAULT_OPSET:
@@ -363,9 +428,12 @@ def export_onnx(
     _fold_weight_layouts(model_ir)
     _drop_symmetric_int4_zero_points(model_ir)
     _store_int4_codes(model_ir)
+    if int8_operands == "u8u8":
+        _unsigned_int8_weights(model_ir)
     model_ir.producer_name = "qhl"
     model_ir.metadata_props["qhl.recipe"] = report.recipe.to_json(indent=None)
     model_ir.metadata_props["qhl.target"] = target
+    model_ir.metadata_props["qhl.int8_operands"] = int8_operands
     model_ir.metadata_props["qhl.matmulnbits_accuracy_level"] = str(onnx_codegen.ACCURACY_LEVEL)
 
     external = _initializer_bytes(model_ir) >= EXTERNAL_DATA_BYTES
@@ -377,7 +445,7 @@ def export_onnx(
         _check(path, target)
     result = ExportResult(
         path=path, size_bytes=size, report=report, ops=_ops_histogram(model_ir), target=target, opset=opset,
-        accuracy_level=onnx_codegen.ACCURACY_LEVEL, external_data=external,
+        accuracy_level=onnx_codegen.ACCURACY_LEVEL, int8_operands=int8_operands, external_data=external,
         seconds=time.perf_counter() - t0, dynamic_shapes=dyn,
     )
     log.info("%s", result)

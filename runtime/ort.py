@@ -25,7 +25,7 @@ import torch
 
 from qhl.errors import UnsupportedError
 
-__all__ = ["session", "run", "compare", "timeit", "time_session", "OPTIMIZATION_LEVELS"]
+__all__ = ["session", "run", "compare", "timeit", "time_session", "OPTIMIZATION_LEVELS", "u8s8_is_exact"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,36 @@ def session(
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3  # errors only: ORT warns about every unused initializer it removes
     src = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
+    sess = ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
+    _warn_if_inexact(sess, src)
+    return sess
+
+
+def u8s8_is_exact() -> bool:
+    """Whether ONNX Runtime's CPU u8 x s8 integer GEMM is exact here: on x86 only with VNNI
+    (AVX-512 VNNI or AVX-VNNI) or AMX; without them it saturates pairs of products to int16
+    (see int8_operands in qhl.onnx_export). Other architectures are not flagged."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    if torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported():
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx_vnni" in line for line in f)
+    except OSError:
+        return False
+
+
+def _warn_if_inexact(sess: Any, src: Any) -> None:
+    meta = sess.get_modelmeta().custom_metadata_map
+    if meta.get("qhl.int8_operands") == "u8s8" and not u8s8_is_exact():
+        log.warning(
+            "%s was exported with int8_operands='u8s8', and this CPU has no VNNI or AMX: ONNX Runtime's "
+            "u8 x s8 GEMM saturates here and its results will be wrong; re-export with int8_operands='u8u8'",
+            "the model" if isinstance(src, bytes) else src,
+        )
 
 
 def _feeds(sess: Any, example_inputs: Any) -> dict[str, np.ndarray]:

@@ -6,7 +6,9 @@
 
 The activation codes are the spec's int8 codes shifted by 128 into uint8 with a_zero_point 128,
 so MatMulInteger computes exactly sum((q_u8 - 128) * Wq) = sum(q_i8 * Wq) in int32, the same
-integers as the spec's torch._int_mm. Why this formulation (all standard ONNX, opset >= 21),
+integers as the spec's torch._int_mm. After export, qhl.onnx_export stores Wq^T as uint8 (+128,
+b_zero_point 128) unless int8_operands="u8s8": ORT's u8 x s8 kernel saturates on x86 CPUs without
+VNNI (compiler/onnx_export.py's docstring has the measurement). Why this formulation (all standard ONNX, opset >= 21),
 measured on the 4x Linear(4096) stack in ONNX Runtime 1.32 CPU (docs/onnx.md has the numbers):
 
 * int8 x int8 MatMulInteger: ORT's CPU kernel for s8s8 is slow (0.05-0.4x float32);
