@@ -288,6 +288,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None,
                     help="timing rounds spread over the run (default 3, quick 1)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tag", default="", help="appended to the result file names (e.g. the machine: _avx2)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's). On a shared box, 1 avoids OpenMP barrier stalls")
     args = ap.parse_args()
@@ -312,6 +313,7 @@ def main() -> None:
     md = markdown(res)
     suffix = ("_quick" if args.quick else "") + (f"_threads{args.threads}" if args.threads else "")
     suffix += "_thp" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else ""
+    suffix += args.tag
     (RESULTS / f"speed_cpu{suffix}.json").write_text(json.dumps(_json_safe(res), indent=2) + "\n")
     (RESULTS / f"speed_cpu{suffix}.md").write_text(md)
     print(md)

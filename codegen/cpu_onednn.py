@@ -33,6 +33,7 @@ fake; it has no Triton, ONNX or grad face.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from qhl.runtime.packed import DerivedCache
 
-__all__ = ["cpu_has_amx", "available", "worthwhile", "int8_mm_scaled", "ENV_FLAG"]
+__all__ = ["cpu_has_amx", "available", "worthwhile", "int8_mm_scaled", "int8_gemm_is_fast", "ENV_FLAG", "INT8_GEMM_FLAG"]
 
 ENV_FLAG = "QHL_CPU_PREPACK"
 
@@ -51,6 +52,35 @@ def cpu_has_amx() -> bool:
     differ, codegen/w8a8.py)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe())
+
+
+INT8_GEMM_FLAG = "QHL_CPU_INT8_GEMM"  # "int8" / "float": force the CPU's integer-GEMM choice
+
+
+@functools.cache
+def int8_gemm_is_fast() -> bool:
+    """Whether PyTorch's int8 GEMM (`torch._int_mm`, oneDNN) is worth running on this CPU.
+
+    On x86 it has fast kernels with AVX-512 or VNNI (or AMX); on a CPU with AVX2 alone (measured on
+    a 2-core AMD EPYC, torch 2.13) it is 3x slower than a float32 matmul at 1 token and ~20x at
+    64-256 tokens on a 4096 x 4096 weight: there the int8 forms run their GEMM in float32 over the
+    integer codes instead (codegen/w8a8.py, plan "f32"). QHL_CPU_INT8_GEMM=int8|float overrides."""
+    forced = os.environ.get(INT8_GEMM_FLAG, "").strip().lower()
+    if forced in ("int8", "float"):
+        return forced == "int8"
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    cpu = torch.cpu
+    fast = any(getattr(cpu, probe, lambda: False)() for probe in
+               ("_is_avx512_supported", "_is_vnni_supported", "_is_amx_tile_supported"))
+    if not fast:
+        logging.getLogger(__name__).info(
+            "qhl: this CPU has no AVX-512, VNNI or AMX, where PyTorch's int8 GEMM is slower than float32: "
+            "the int8 forms run their GEMMs in float32 over the integer codes (exact products)"
+        )
+    return fast
 
 
 @functools.cache

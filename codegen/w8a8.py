@@ -40,6 +40,12 @@ __all__ = ["w8a8_linear", "w8a8_linear_spec", "w8a8_linear_decomposed", "int8_li
 #               weights and few tokens (cpu_onednn.worthwhile) or where PyTorch lacks the ops.
 #   without     M <= 4: one s8 GEMV per token, oneDNN's fastest shape per token;
 #               5 <= M <= 256: the transposed GEMM; M > 256: u8 x s8 (VNNI-native).
+#   no fast int8 GEMM at all (x86 with AVX2 alone, cpu_onednn.int8_gemm_is_fast): 'f32', a float32
+#               GEMM over the integer codes, against the weight's codes kept as float32 once per
+#               weight (+4 bytes a weight while the model runs). Every product q * Wq is exact in
+#               float32 (|q * Wq| <= 127 * 127); the sums are float32's, so the result is the
+#               spec's to float32 accumulation-order rounding instead of bit for bit. There
+#               `_int_mm` measured 3x slower than a float32 matmul at 1 token and ~20x at 64-256.
 # The transposed result is read back inside the fused epilogue (codegen/cpu_fused.py); the eager
 # fallback pays one transpose-copy instead.
 _ROWWISE_MAX_M = 4
@@ -50,6 +56,8 @@ def _cpu_plan(m: int, n: int, k: int) -> str:
     """'u8', 'onednn' (prepacked weight), 'cols' (the transposed GEMM) or 'rows' (one GEMV per
     token) for M tokens on an [N, K] weight here. int8_linear_cpu also takes 's8' (q @ Wq^T), the
     decomposition's formulation for many tokens without AMX."""
+    if not cpu_onednn.int8_gemm_is_fast():
+        return "f32"
     if cpu_onednn.cpu_has_amx():
         return "u8" if m == 1 else ("onednn" if cpu_onednn.worthwhile(m, n, k) else "cols")
     if m <= _ROWWISE_MAX_M:
@@ -60,6 +68,8 @@ def _cpu_plan(m: int, n: int, k: int) -> str:
 # 128 * sum_k Wq[n, k] (int32 [N]) of each int8 weight, for the u8 formulation: exact in int32
 # for K < 2^31 / (127 * 128) ~ 132000.
 _u8_compensation = DerivedCache(lambda w_int8: w_int8.sum(dim=1, dtype=torch.int32).mul_(128))
+# the weight's codes as float32 [N, K], for the 'f32' plan (no fast int8 GEMM on this CPU)
+_float_codes = DerivedCache(lambda w_int8: w_int8.float())
 
 
 def int8_linear_cpu(
@@ -78,6 +88,11 @@ def int8_linear_cpu(
             codes, xs = _eager_codes(x2, bits)
         return dequant_epilogue(int8_gemm_cpu(codes, w_int8, ws), xs, bias, out_dtype)
     plan = _cpu_plan(x2.shape[0], *w_int8.shape)
+    if plan == "f32":
+        if codes is None:
+            codes, xs = cpu_fused.per_token_codes(x2, (1 << (bits - 1)) - 1, 0)
+        acc = torch.mm(codes.float(), _float_codes(w_int8).t())
+        return cpu_fused.epilogue_rows(acc, None, ws, xs, bias, out_dtype)
     if codes is None:
         qmax = (1 << (bits - 1)) - 1
         codes, xs = cpu_fused.per_token_codes(x2, qmax, 128 if plan == "u8" else 0)
@@ -118,6 +133,8 @@ def int8_gemm_cpu(codes: Tensor, w_int8: Tensor, ws: Tensor) -> Tensor:
     thread."""
     m, k = codes.shape
     n = w_int8.shape[0]
+    if not cpu_onednn.int8_gemm_is_fast():  # plan 'f32': exact products, float32 sums
+        return torch.mm(codes.float(), _float_codes(w_int8).t()).mul_(ws)
     if m <= _ROWWISE_MAX_M:
         xq = codes if codes.dtype == torch.int8 else codes.to(torch.int8)
         if m == 1:
@@ -174,9 +191,9 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
     (codegen/cpu_onednn.py; it picks its GEMM per call by the actual token count), else the
     transposed GEMM. Returns NotImplemented (the op stays an opaque call to its CPU face) off the
     CPU, and for the token counts whose best formulation needs a per-weight cache (the u8
-    compensation) or a per-token loop."""
-    if x.device.type != "cpu":
-        return NotImplemented
+    compensation, or the float32 codes where the CPU has no fast int8 GEMM) or a per-token loop."""
+    if x.device.type != "cpu" or not cpu_onednn.int8_gemm_is_fast():
+        return NotImplemented  # no fast int8 GEMM here: the CPU face's 'f32' plan caches float codes
     n, k = w_int8.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]

@@ -94,6 +94,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     model, example_inputs = _load_factory(args.target)
     result = export_onnx(model, example_inputs, args.output, recipe=args.recipe, target=args.onnx_target,
                          opset=args.opset, int8_operands=args.int8_operands, **dict(args.knob))
+    print(result)
     for row in result.report.layers:
         if row.form:
             print(f"  {row.path:<40} {row.form:<6} -> {' + '.join(row.onnx_ops)}")

@@ -74,8 +74,8 @@ def _source_digest() -> str:
 def _decomposition_fingerprint() -> str:
     from qhl.codegen import cpu_onednn
 
-    # The CPU plans depend on the machine and on QHL_CPU_PREPACK, not only on the code.
-    plan = f"amx={cpu_onednn.cpu_has_amx()} prepack={cpu_onednn.available()}"
+    # The CPU plans depend on the machine, QHL_CPU_PREPACK and QHL_CPU_INT8_GEMM, not only on the code.
+    plan = f"amx={cpu_onednn.cpu_has_amx()} prepack={cpu_onednn.available()} int8={cpu_onednn.int8_gemm_is_fast()}"
     return hashlib.sha256(f"{_source_digest()} {plan}".encode()).hexdigest()[:16]
 
 

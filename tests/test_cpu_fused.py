@@ -18,6 +18,19 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+@pytest.fixture
+def int8_gemm(monkeypatch):
+    """int8_gemm("int8" | "float"): force cpu_onednn.int8_gemm_is_fast() for this test, so that
+    each CPU plan is tested on every machine (restored afterwards)."""
+    def force(mode: str) -> None:
+        monkeypatch.setenv(cpu_onednn.INT8_GEMM_FLAG, mode)
+        cpu_onednn.int8_gemm_is_fast.cache_clear()
+
+    yield force
+    monkeypatch.delenv(cpu_onednn.INT8_GEMM_FLAG, raising=False)
+    cpu_onednn.int8_gemm_is_fast.cache_clear()
+
+
 def _tied_rows(m: int, k: int, qmax: int) -> torch.Tensor:
     """Rows whose quotients x / s land exactly on k + 0.5 (round half to even decides them), a
     zero row, and a row with one huge outlier."""
@@ -47,7 +60,7 @@ def test_fused_prologue_is_the_per_token_quantizer_bit_for_bit(m, bits, dtype):
     assert torch.equal(qu.to(torch.int16) - 128, q_ref.to(torch.int16))
 
 
-@pytest.mark.parametrize("plan", ["u8", "onednn", "cols", "s8", "rows"])
+@pytest.mark.parametrize("plan", ["u8", "onednn", "cols", "s8", "rows", "f32"])
 @pytest.mark.parametrize("m", [1, 3, 64, 300])
 @pytest.mark.parametrize("bias", [True, False])
 def test_every_gemm_formulation_computes_the_spec(plan, m, bias, monkeypatch):
@@ -61,6 +74,46 @@ def test_every_gemm_formulation_computes_the_spec(plan, m, bias, monkeypatch):
     out = w8a8.int8_linear_cpu(x, wq, ws, b, torch.float32)
     assert out.shape == (m, 96) and out.dtype == torch.float32
     assert _rel_err(out, quant.fake_quant_w8a8_linear(x, w, b)) < 1e-6
+
+
+@pytest.mark.parametrize("m", [1, 64, 300])
+def test_float_plan_without_a_fast_int8_gemm(m, int8_gemm):
+    """Where PyTorch has no fast int8 GEMM (x86 with AVX2 alone), every token count takes 'f32': a
+    float32 GEMM over the integer codes against float32 codes cached once per weight. Its products
+    are exact and its sums float32's: on these sizes it gives the int8 plans' result bit for bit,
+    and it stays within float32 accumulation noise of them in general (2e-7)."""
+    torch.manual_seed(m)
+    w, x, b = torch.randn(96, 512), torch.randn(m, 512), torch.randn(96)
+    x[:, 3] *= 40
+    wq, ws = quant.quantize_int8_per_channel(w)
+    int8_gemm("int8")
+    assert w8a8._cpu_plan(m, 96, 512) != "f32"
+    want = w8a8.int8_linear_cpu(x, wq, ws, b, torch.float32)
+    int8_gemm("float")
+    assert w8a8._cpu_plan(m, 96, 512) == "f32" and not cpu_onednn.int8_gemm_is_fast()
+    got = w8a8.int8_linear_cpu(x, wq, ws, b, torch.float32)
+    assert _rel_err(got, want) < 2e-7
+    assert w8a8._float_codes.get(wq) is not None and w8a8._float_codes(wq).dtype == torch.float32
+    assert _rel_err(w8a8.int8_gemm_cpu(quant.quantize_per_token(x)[0], wq, ws),
+                    torch._int_mm(quant.quantize_per_token(x)[0], wq.t()).float() * ws) < 2e-7  # eager face
+
+
+def test_int8_gemm_detection_and_override(int8_gemm):
+    """x86 without AVX-512, VNNI or AMX has no fast int8 GEMM; QHL_CPU_INT8_GEMM overrides, and
+    the choice is part of the Inductor cache key (a graph decomposed for one plan is never served
+    to the other)."""
+    from qhl.runtime import inductor_cpu
+
+    int8_gemm("")
+    probes = [torch.cpu._is_avx512_supported(), torch.cpu._is_vnni_supported(), torch.cpu._is_amx_tile_supported()]
+    import platform
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert cpu_onednn.int8_gemm_is_fast() == any(probes)
+    keys = {}
+    for mode in ("int8", "float"):
+        int8_gemm(mode)
+        keys[mode] = inductor_cpu._decomposition_fingerprint()
+    assert keys["int8"] != keys["float"]
 
 
 def test_u8_compensation_follows_an_in_place_weight_change(monkeypatch):
@@ -214,11 +267,13 @@ def test_inductor_graph_equals_the_op_by_op_graph(tokens):
     assert _rel_err(out, model(x)) < 0.05  # and it is still the model (w8a8's error, ~30 dB)
 
 
-def test_inductor_graph_fuses_the_prologue_and_epilogue_around_the_int8_gemm(monkeypatch):
+def test_inductor_graph_fuses_the_prologue_and_epilogue_around_the_int8_gemm(monkeypatch, int8_gemm):
     """The w8a8 layers are lowered to aten (their decomposition): the compiled code calls the
     int8 GEMM directly (oneDNN's prepacked one where the CPU has AMX, else _int_mm), with no
     qhl::w8a8_linear call left, and the weights are prepacked once, not per call."""
     from torch._inductor.utils import run_and_get_code
+
+    int8_gemm("int8")
 
     packs = []
     derive = cpu_onednn._prepacked._derive
@@ -235,6 +290,26 @@ def test_inductor_graph_fuses_the_prologue_and_epilogue_around_the_int8_gemm(mon
     assert source.count(gemm) == 3
     assert len(packs) == (3 if cpu_onednn.available() else 0)
     assert "qhl.w8a8_linear" not in source.replace("Original ATen: [qhl.w8a8_linear]", "")
+
+
+def test_inductor_graph_keeps_the_op_where_int8_gemms_are_slow(int8_gemm):
+    """Without a fast int8 GEMM the decomposition declines: each w8a8 layer stays a call to its CPU
+    face ('f32' plan, float32 codes cached once per weight), Inductor compiles the rest, and the
+    result is the int8 plans' to float32 accumulation noise."""
+    from torch._inductor.utils import run_and_get_code
+
+    model, x = _stack(256), torch.randn(16, 256)
+    int8_gemm("int8")
+    want = _reference(model, x)
+    int8_gemm("float")
+    torch._dynamo.reset()
+    be = qhl.backend("w8a8")
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model, backend=be), x)
+    source = "\n".join(codes)
+    assert [g.codegen for g in be.graphs] == ["inductor"]
+    assert source.count("torch.ops.qhl.w8a8_linear.default(") == 3 and "_int_mm(" not in source
+    assert _rel_err(out, want) < 1e-6
 
 
 def test_dynamic_token_count_picks_the_gemm_per_call():
@@ -269,12 +344,16 @@ def test_inductor_graph_sees_weights_changed_in_place():
     assert _rel_err(out, _reference(model, x)) < 1e-5
 
 
-def test_inductor_caches_serve_the_same_graph_again():
+def test_inductor_caches_serve_the_same_graph_again(int8_gemm):
     """The decomposition table qhl hands Inductor can be keyed, so Inductor's compiled-code caches
     work: the same graph compiled again (a new backend after a Dynamo reset, as a second process
-    would) is a cache hit with the same result, and a graph with other shapes is not."""
+    would) is a cache hit with the same result, and a graph with other shapes is not. (With the
+    int8 plans, so that w8a8 is decomposed into the graph rather than calling its CPU face, whose
+    own fused kernels would count hits of their own.)"""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
+
+    int8_gemm("int8")
 
     model, x = _stack(64, 2), torch.randn(8, 64)
     outs, hits = [], []

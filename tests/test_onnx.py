@@ -424,6 +424,27 @@ def test_four_bit_weight_codes_stay_int8_and_exact(tmp_path):
     assert cmp["sqnr_db"] > 100, cmp
 
 
+def test_cli_export_check_prints_the_form_parity_and_speed(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "mlp.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qhl.cli", "export", "tests.qhl_testing:mlp_factory", "--recipe", "w8a8",
+         "-o", str(out), "--check", "--runs", "1"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert out.is_file() and "int8 GEMMs u8u8" in proc.stdout and "fc1" in proc.stdout
+    cosine = float(re.search(r"parity\s+ORT vs qhl torch:\s+cosine ([0-9.]+)", proc.stdout).group(1))
+    assert cosine >= 0.9999 and re.search(r"speed\s+ORT w8a8: [0-9.]+ ms", proc.stdout), proc.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "qhl.cli", "export", "tests.qhl_testing:mlp_factory", "-o", str(tmp_path / "b.onnx"),
+         "--int8-operands", "s8s8"], capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "invalid choice: 's8s8'" in bad.stderr
+
+
 def test_opset_23_attention_is_one_node_and_rotary_stays_unfused(tmp_path):
     # opset 23: SDPA becomes one standard Attention node. onnxscript's opt-in fusions are skipped:
     # its RotaryEmbedding for HF Llama fails in ONNX Runtime 1.32 at batch > 1 (checked at batch 3
