@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qhl.codegen import cpu_fused, quant
+from qhl.codegen import cpu_fused, cpu_onednn, quant
 from qhl.runtime.packed import DerivedCache
 
 __all__ = ["w4a16_linear", "w4a16_linear_spec"]
@@ -54,6 +54,9 @@ def _tile_rows(m: int, n: int, k: int) -> int:
 # 2 threads, weights in cache): 0.69 ms against 5.83 for the tiled path below and 1.19 for
 # float32. Inductor's GEMV straight on the packed nibbles measured 4.2-5.6 ms (the unpack does not
 # vectorize). Set CPU_GEMV_CACHE = False for the tiled path (0.5 bytes per weight).
+# On a CPU with AVX2 alone (cpu_onednn.int8_gemm_is_fast() False) the tiled path is used: there
+# Inductor's 8-lane loads of uint8 codes are slow, and the GEMV measured 14.3 ms against the tiled
+# path's 7.6 and float32's 3.9 (AMD EPYC, 2 threads, 2026-12-04).
 CPU_GEMV_CACHE = True
 _unpacked = DerivedCache(lambda packed: quant.unpack_int4(packed).contiguous())
 
@@ -81,7 +84,7 @@ def w4a16_linear_spec(
     ng, gh = k // g, g // 2
     x2 = x.reshape(-1, k).float()
     m = x2.shape[0]
-    if m == 1 and CPU_GEMV_CACHE and cpu_fused.enabled():
+    if m == 1 and CPU_GEMV_CACHE and cpu_fused.enabled() and cpu_onednn.int8_gemm_is_fast():
         y = cpu_fused.int4_gemv(x2, _unpacked(packed), _float32(scale), zero, g)
         if bias is not None:
             y = y + bias.float()

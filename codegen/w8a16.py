@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qhl.codegen import quant
+from qhl.codegen import cpu_onednn, quant
 
 __all__ = ["w8a16_linear", "w8a16_linear_spec", "w8a16_linear_decomposed"]
 
@@ -61,10 +61,14 @@ def w8a16_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Op
     int8 (the CPU face writes and re-reads float32 tiles of it). Measured on one 4096 x 4096 layer
     with its weights in cache (AMX Xeon, 2 threads): 0.74 ms against the CPU face's 2.34 and
     float32's 1.19; at 2 tokens it no longer beats float32, so other token counts (and dynamic
-    ones) decline with NotImplemented and keep the CPU face."""
+    ones) decline with NotImplemented and keep the CPU face. So does a CPU with AVX2 alone
+    (cpu_onednn.int8_gemm_is_fast() False): there the GEMV's 8-lane int8 loads are slow, 11.9 ms
+    a layer against the CPU face's 3.5 and float32's 3.1 (AMD EPYC, 2 threads, 2026-12-04)."""
     n, k = w_int8.shape
     x2 = x.reshape(-1, k)
     if x.device.type != "cpu" or not isinstance(x2.shape[0], int) or x2.shape[0] != 1:
+        return NotImplemented
+    if not cpu_onednn.int8_gemm_is_fast():
         return NotImplemented
     y = (x2.float()[:, None, :] * w_int8.float()).sum(-1) * w_scale
     if bias is not None:

@@ -426,11 +426,15 @@ def test_unknown_cpu_codegen_is_a_recipe_error():
 
 
 @pytest.mark.parametrize("tokens", [1, 2])
-def test_w8a16_is_lowered_to_a_gemv_at_one_token_only(tokens):
+@pytest.mark.parametrize("mode", ["int8", "float"])
+def test_w8a16_is_lowered_to_a_gemv_at_one_token_only(tokens, mode, int8_gemm):
     """w8a16 at 1 token becomes Inductor's int8 GEMV (no qhl::w8a16_linear call in the compiled
-    code); at 2 tokens its decomposition declines and the op stays a call to its CPU face. Both
+    code); at 2 tokens its decomposition declines and the op stays a call to its CPU face, as it
+    does at any token count on a CPU with AVX2 alone (mode "float", where that GEMV is slow). All
     equal the op-by-op graph to float32 rounding."""
     from torch._inductor.utils import run_and_get_code
+
+    int8_gemm(mode)
 
     model, x = _stack(), torch.randn(tokens, 128)
     torch._dynamo.reset()
@@ -442,16 +446,25 @@ def test_w8a16_is_lowered_to_a_gemv_at_one_token_only(tokens):
         out, codes = run_and_get_code(torch.compile(model, backend=be), x)
     assert be.graphs[0].codegen == "inductor"
     calls = "\n".join(codes).count("torch.ops.qhl.w8a16_linear.default(")
-    assert calls == (0 if tokens == 1 else 3)
+    assert calls == (0 if tokens == 1 and mode == "int8" else 3)
     assert _rel_err(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_w4a16_one_token_gemv_on_cached_codes(symmetric, monkeypatch):
+def test_w4a16_one_token_gemv_on_cached_codes(symmetric, monkeypatch, int8_gemm):
     """At 1 token the w4a16 CPU face runs an Inductor GEMV over codes unpacked once per packed
     weight: the fake-quant reference to float32 rounding, the same as the tiled path, and a packed
-    weight changed in place is unpacked again (not served stale from the cache)."""
+    weight changed in place is unpacked again (not served stale from the cache). On a CPU with
+    AVX2 alone (mode "float") it keeps the tiled path and caches nothing."""
     from qhl.codegen import w4a16
+
+    int8_gemm("float")
+    w0, x0 = torch.randn(24, 128), torch.randn(1, 128)
+    p0, s0, z0 = quant.quantize_int4_groupwise(w0, 64, symmetric, "none")
+    assert _rel_err(w4a16.w4a16_linear(x0, p0, s0, z0, 64, None),
+                    quant.fake_quant_w4a16_linear(x0, w0, None, 64, symmetric, "none")) < 1e-6
+    assert w4a16._unpacked.get(p0) is None
+    int8_gemm("int8")
 
     clip = "grid" if symmetric else "none"
     w, x, b = torch.randn(40, 256), torch.randn(1, 256), torch.randn(40)
