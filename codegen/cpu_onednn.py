@@ -35,13 +35,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import platform
 
 import torch
 from torch import Tensor
 
 from qhl.runtime.packed import DerivedCache
 
-__all__ = ["cpu_has_amx", "available", "worthwhile", "int8_mm_scaled", "int8_gemm_is_fast", "ENV_FLAG", "INT8_GEMM_FLAG"]
+__all__ = ["cpu_has_amx", "available", "worthwhile", "int8_mm_scaled", "int8_gemm_is_fast", "is_x86_cpu", "ENV_FLAG", "INT8_GEMM_FLAG"]
 
 ENV_FLAG = "QHL_CPU_PREPACK"
 
@@ -52,6 +53,12 @@ def cpu_has_amx() -> bool:
     differ, codegen/w8a8.py)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe())
+
+
+def is_x86_cpu() -> bool:
+    """True on an x86 CPU, the only one whose int8 instruction sets (AVX2 / AVX-512 / VNNI / AMX)
+    qhl's CPU plans and ORT checks (runtime/ort.py u8s8_is_exact) tell apart."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 INT8_GEMM_FLAG = "QHL_CPU_INT8_GEMM"  # "int8" / "float": force the CPU's integer-GEMM choice
@@ -68,9 +75,7 @@ def int8_gemm_is_fast() -> bool:
     forced = os.environ.get(INT8_GEMM_FLAG, "").strip().lower()
     if forced in ("int8", "float"):
         return forced == "int8"
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    if not is_x86_cpu():
         return True
     cpu = torch.cpu
     fast = any(getattr(cpu, probe, lambda: False)() for probe in

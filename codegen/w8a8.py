@@ -88,16 +88,14 @@ def int8_linear_cpu(
             codes, xs = _eager_codes(x2, bits)
         return dequant_epilogue(int8_gemm_cpu(codes, w_int8, ws), xs, bias, out_dtype)
     plan = _cpu_plan(x2.shape[0], *w_int8.shape)
-    if plan == "f32":
-        if codes is None:
-            codes, xs = cpu_fused.per_token_codes(x2, (1 << (bits - 1)) - 1, 0)
-        acc = torch.mm(codes.float(), _float_codes(w_int8).t())
-        return cpu_fused.epilogue_rows(acc, None, ws, xs, bias, out_dtype)
     if codes is None:
         qmax = (1 << (bits - 1)) - 1
         codes, xs = cpu_fused.per_token_codes(x2, qmax, 128 if plan == "u8" else 0)
     elif plan == "u8":
         codes = codes.view(torch.uint8) ^ 0x80  # q + 128 for q in [-127, 127]
+    if plan == "f32":  # exact products, float32 sums
+        acc = torch.mm(codes.float(), _float_codes(w_int8).t())
+        return cpu_fused.epilogue_rows(acc, None, ws, xs, bias, out_dtype)
     if plan == "onednn":
         return cpu_fused.epilogue_scaled(cpu_onednn.int8_mm_scaled_cpu(codes, w_int8, ws), xs, bias, out_dtype)
     if plan == "cols":

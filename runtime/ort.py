@@ -12,6 +12,7 @@ to int8 (W4A8 math, not qhl's W4A16). Sessions made here set
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -71,13 +72,14 @@ def session(
     return sess
 
 
+@functools.cache
 def u8s8_is_exact() -> bool:
     """Whether ONNX Runtime's CPU u8 x s8 integer GEMM is exact here: on x86 only with VNNI
     (AVX-512 VNNI or AVX-VNNI) or AMX; without them it saturates pairs of products to int16
     (see int8_operands in qhl.onnx_export). Other architectures are not flagged."""
-    import platform
+    from qhl.codegen.cpu_onednn import is_x86_cpu
 
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    if not is_x86_cpu():
         return True
     if torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported():
         return True

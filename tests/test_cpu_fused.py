@@ -4,6 +4,7 @@ GEMM formulation (codegen/w8a8.py), and whole-graph Inductor for the torch.compi
 from __future__ import annotations
 
 import logging
+import platform
 
 import pytest
 import torch
@@ -106,7 +107,6 @@ def test_int8_gemm_detection_and_override(int8_gemm):
 
     int8_gemm("")
     probes = [torch.cpu._is_avx512_supported(), torch.cpu._is_vnni_supported(), torch.cpu._is_amx_tile_supported()]
-    import platform
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert cpu_onednn.int8_gemm_is_fast() == any(probes)
     keys = {}
