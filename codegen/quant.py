@@ -7,7 +7,9 @@ Conventions (one set, used by the spec, the Triton kernels and the ONNX translat
   Weights [N, K]: one scale per output channel (row).
 * int4, group-wise along K (group g in {32, 64, 128}), stored as unsigned 4-bit codes c in [0, 15]:
   symmetric:  s = r * amax / 7,       c = clamp(round(w / s) + 8, 0, 15),  zero z = 8
-              (or, weight_clip="grid", per group the closer of that and s = amax / 7.5, q in [-8, 7])
+              (or, weight_clip="grid", per group the closest of that, s = amax / 7.5,
+              s = max(max / 7, -min / 8) and s = -max(max / 8, -min / 7), the last three with q in
+              [-8, 7]; the last scale is negative, which (c - z) * s dequantizes as any other)
   asymmetric: s = r * (max - min) / 15,  z = clamp(round(-r * min / s), 0, 15),
               c = clamp(round(w / s) + z, 0, 15)
   with clip ratio r = 1 (plain round-to-nearest) or chosen per group by least squared error.
@@ -128,20 +130,48 @@ def _int4_codes(groups: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return (torch.round(groups / scale[..., None]) + zero[..., None]).clamp_(0, 15)
 
 
+def _int4_error(groups: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """Squared error of each group dequantized with (scale, zero)."""
+    return ((_int4_codes(groups, scale, zero) - zero[..., None]) * scale[..., None] - groups).pow_(2).sum(-1)
+
+
+def _int4_grid_scales(groups: Tensor) -> tuple[Tensor, ...]:
+    """The grids that weight_clip="grid" tries besides amax / 7 on q in [-7, 7], all on [-8, 7]:
+
+    * amax / 7.5 (torchao's int4 grid): all 16 levels, a positive peak saturates at 7s = 0.93 amax;
+    * max(max / 7, -min / 8): the finest scale that clips nothing. A group whose negative side is
+      the larger puts its peak on q = -8 exactly, with a step down to 7/8 of amax / 7's;
+    * -max(max / 8, -min / 7): the same grid mirrored. A negative scale flips [-8, 7] to cover
+      [-7s', 8s'] in weight units (s' = |s|), so a positive peak lands on q = -8 exactly.
+    The codes [-8, 7] are asymmetric; the two signs of the scale let either side of a group use
+    the 16th level. Every face dequantizes (c - 8) * s, which holds for either sign.
+    """
+    peak_pos = groups.amax(dim=-1).clamp(min=0.0)
+    peak_neg = groups.amin(dim=-1).neg().clamp(min=0.0)
+    return (
+        _safe_scale(groups.abs().amax(dim=-1), 7.5),
+        _safe_scale(torch.maximum(peak_pos / 7, peak_neg / 8), 1.0),
+        _safe_scale(torch.maximum(peak_pos / 8, peak_neg / 7), 1.0).neg_(),
+    )
+
+
 def quantize_int4_groupwise(
     w: Tensor, group_size: int, symmetric: bool = True, clip: str = "none"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """w [N, K] -> (packed uint8 [N, K/2], scale float32 [N, K/g], zero uint8 [N, K/g]).
+    (clip="grid" may give a group a negative scale; w ~ (c - z) * s either way.)
 
     clip="none": the scale spans each group's full range (round-to-nearest).
     clip="mse": per group, the clip ratio in INT4_CLIP_RATIOS whose dequantized group is closest
     to the float group (least squared error).
-    clip="grid" (symmetric only; asymmetric groups get "none"): per group, whichever of the two
-    symmetric grids is closer to the float group (least squared error; ties keep the first):
-    s = amax / 7 with q in [-7, 7] (15 levels, amax exact), or s = amax / 7.5 with q in [-8, 7]
-    (all 16 levels, torchao's int4 grid; +amax saturates at 7s = 0.93 amax).
+    clip="grid" (symmetric only; asymmetric groups get "none"): per group, whichever of four
+    symmetric grids is closest to the float group (least squared error; ties keep the earlier):
+    s = amax / 7 with q in [-7, 7] (plain rounding, amax exact), and with q in [-8, 7]:
+    s = amax / 7.5 (torchao's int4 grid; +amax saturates at 7s = 0.93 amax),
+    s = max(max / 7, -min / 8) (the finest grid that clips nothing), or s = -max(max / 8, -min / 7)
+    (that grid mirrored: a negative scale, so a positive peak takes q = -8). See _int4_grid_scales.
     A compile-time choice of scale only: the stored format (codes q + 8, zero 8) and the
-    dequantization are the same for all three.
+    dequantization are the same for every choice.
     K must be divisible by group_size (and even); callers check and decline otherwise.
     """
     if clip not in WEIGHT_CLIPS:
@@ -153,7 +183,7 @@ def quantize_int4_groupwise(
         best_err = None
         for ratio in INT4_CLIP_RATIOS:
             s, z = _int4_params(groups, symmetric, ratio)
-            err = ((_int4_codes(groups, s, z) - z[..., None]) * s[..., None] - groups).pow_(2).sum(-1)
+            err = _int4_error(groups, s, z)
             if best_err is None:
                 best_err = err
                 continue
@@ -161,12 +191,11 @@ def quantize_int4_groupwise(
             scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
             best_err = torch.minimum(err, best_err)
     elif clip == "grid" and symmetric:
-        wide = _safe_scale(groups.abs().amax(dim=-1), 7.5)  # q = round(w / s) in [-8, 8] -> clamped to 7
-
-        def err(s: Tensor) -> Tensor:
-            return ((_int4_codes(groups, s, zero) - zero[..., None]) * s[..., None] - groups).pow_(2).sum(-1)
-
-        scale = torch.where(err(wide) < err(scale), wide, scale)
+        best_err = _int4_error(groups, scale, zero)
+        for s in _int4_grid_scales(groups):
+            err = _int4_error(groups, s, zero)
+            better = err < best_err
+            scale, best_err = torch.where(better, s, scale), torch.minimum(err, best_err)
     codes = _int4_codes(groups, scale, zero)
     packed = pack_int4(codes.reshape(n, k).to(torch.uint8))
     return packed, scale.contiguous(), zero.to(torch.uint8).contiguous()

@@ -284,25 +284,42 @@ def test_grad_face_half_precision_keeps_dtypes():
 
 
 @pytest.mark.parametrize("group_size", [32, 128])
-def test_int4_grid_takes_the_closer_of_the_two_symmetric_grids(group_size):
-    """Per group, the dequantized weight is exactly one of the two candidates (amax/7 on [-7, 7],
-    amax/7.5 on [-8, 7]), the one with the smaller squared error; both are chosen somewhere on a
-    Gaussian weight, and the wide grid's code 0 (q = -8) occurs."""
+def test_int4_grid_takes_the_closest_of_four_symmetric_grids(group_size):
+    """Per group, the dequantized weight is exactly one of four candidates, the one with the
+    smallest squared error (ties keep the earlier): amax/7 on [-7, 7], then on [-8, 7] amax/7.5,
+    max(max/7, -min/8) and -max(max/8, -min/7). Each wins somewhere on a Gaussian weight; the
+    last two clip nothing and put a negative (third) or positive (fourth, a negative scale) peak
+    on q = -8 exactly."""
     torch.manual_seed(0)
     w = torch.randn(64, 256)
     n, k = w.shape
     groups = w.reshape(n, k // group_size, group_size)
     amax = groups.abs().amax(-1, keepdim=True)
-    narrow = torch.round(groups / (amax / 7)).clamp(-7, 7) * (amax / 7)
-    wide = torch.round(groups / (amax / 7.5)).clamp(-8, 7) * (amax / 7.5)
+    top, bottom = groups.amax(-1, keepdim=True), -groups.amin(-1, keepdim=True)
+    fine = torch.maximum(top / 7, bottom / 8)
+    mirrored = -torch.maximum(top / 8, bottom / 7)
+    candidates = [
+        torch.round(groups / (amax / 7)).clamp(-7, 7) * (amax / 7),
+        torch.round(groups / (amax / 7.5)).clamp(-8, 7) * (amax / 7.5),
+        torch.round(groups / fine).clamp(-8, 7) * fine,
+        torch.round(groups / mirrored).clamp(-8, 7) * mirrored,
+    ]
+    errors = torch.stack([(c - groups).pow(2).sum(-1) for c in candidates])  # [4, N, K/g]
+    winner = errors.argmin(0)  # argmin returns the first minimum: ties keep the earlier grid
+    want = torch.stack(candidates).gather(0, winner[None, ..., None].expand(1, *groups.shape))[0]
     packed, scale, zero = quant.quantize_int4_groupwise(w, group_size, True, "grid")
     got = quant.dequantize_int4_groupwise(packed, scale, zero, group_size).reshape(groups.shape)
-    e_narrow = (narrow - groups).pow(2).sum(-1)
-    e_wide = (wide - groups).pow(2).sum(-1)
-    want = torch.where((e_wide < e_narrow)[..., None], wide, narrow)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    assert 0 < int((e_wide < e_narrow).sum()) < e_wide.numel()  # each grid wins somewhere
+    assert set(winner.unique().tolist()) == {0, 1, 2, 3}  # each grid wins somewhere
+    assert torch.equal(scale < 0, winner == 3)  # only the mirrored grid has a negative scale
     assert int((quant.unpack_int4(packed) == 0).sum()) > 0 and torch.all(zero == 8)
+    # a group of the third grid whose negative peak sets its scale (-min / 8 > max / 7) holds it exactly
+    third = (winner == 2) & (-groups.amin(-1) / 8 > groups.amax(-1) / 7)
+    assert third.any()
+    torch.testing.assert_close(got.amin(-1)[third], groups.amin(-1)[third], rtol=1e-6, atol=0)
+    fourth = (winner == 3) & (groups.amax(-1) / 8 > -groups.amin(-1) / 7)  # and the mirror, a positive peak
+    assert fourth.any()
+    torch.testing.assert_close(got.amax(-1)[fourth], groups.amax(-1)[fourth], rtol=1e-6, atol=0)
     # never worse than plain rounding, group by group
     plain = quant.dequantize_int4_groupwise(*quant.quantize_int4_groupwise(w, group_size, True), group_size)
     assert torch.all((got - groups).pow(2).sum(-1) <= (plain.reshape(groups.shape) - groups).pow(2).sum(-1) + 1e-9)
