@@ -13,7 +13,7 @@ symmetric g128, and g64 on SmolLM2) three implementations are measured on the sa
 lm_head and embeddings stay float everywhere (qhl's default skip list; the same filter is given
 to torchao and RTN). Writes benchmarks/results/fidelity.{json,md}.
 
-    .venv/bin/python benchmarks/fidelity.py [--n-seqs 4] [--seq-len 512] [--batch 1]
+    .venv/bin/python benchmarks/fidelity.py [--n-seqs 4] [--seq-len 512] [--batch 1] [--tag _avx2]
 """
 from __future__ import annotations
 
@@ -446,12 +446,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1, help="sequences per forward (memory vs speed)")
     ap.add_argument("--n-sentences", type=int, default=16)
+    ap.add_argument("--tag", default="", help="suffix of the results files (e.g. _avx2), so one machine's run keeps another's")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # A smaller smoke run writes fidelity_smoke.* so that it never overwrites the real results,
     # and is not held to the issue's 4x512 targets.
-    default = vars(args) == vars(ap.parse_args([]))
-    stem = "fidelity" if default else "fidelity_smoke"
+    default = {**vars(args), "tag": ""} == vars(ap.parse_args([]))
+    stem = ("fidelity" if default else "fidelity_smoke") + args.tag
     t0 = time.perf_counter()
     host = machine("torchao", "transformers")  # at the start: the qhl sources are fingerprinted as imported, not as they end up
     smol, notes = run_smollm2(args)
