@@ -102,15 +102,16 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 
 # Clip ratios tried by the MSE scale search for int4 (1.0 = plain round-to-nearest of amax).
-# Measured on SmolLM2-135M, 4x512 tokens (logits SQNR / perplexity, float32 30.88):
-#   g64, all 210 layers:        plain 2.75 dB / 47.81   mse 7.28 dB / 41.39   grid 6.77 dB / 41.36
-#   g128 (down_proj only, K=1536): plain 12.16 dB / 34.50  mse 11.26 dB / 34.78  grid 12.30 / 33.94
-# ("grid" with eager fake-quant weights; compiled by qhl it measured 5.69 dB / 41.50 at g64 and
-# 12.22 dB / 34.01 at g128: SmolLM2's all-int4 logits SQNR moves that much with float32 rounding),
-# and MiniLM-L6 g128 (mean embedding cosine): plain 0.9228, grid 0.9340, torchao 0.9328.
-# Least weight error over many clip ratios is not least output error everywhere; the two-grid
-# choice ("grid", symmetric only) beats plain rounding everywhere measured, and torchao's grid on
-# SmolLM2 g128 and MiniLM's mean cosine, so the w4a16 preset uses it.
+# Measured with qhl's compiled SmolLM2-135M, 4x512 tokens (logits SQNR dB / perplexity, float32
+# 30.885; benchmarks/results/fidelity_avx2.md), and MiniLM-L6 g128 (embedding cosine mean / min):
+#                  plain           mse             torchao          "grid" (four)    two grids (before)
+#   SmolLM2 g64    2.75 / 47.81    7.28 / 41.39    6.37 / 42.45     9.12 / 38.52     5.69 / 41.50
+#   SmolLM2 g128   12.16 / 34.50   11.26 / 34.78   12.08 / 34.38    12.03 / 33.75    12.22 / 34.01
+#   MiniLM g128    .9228 / .8869   .9510 / .9295   .9328 / .9152    .9390 / .9165    .9340 / .9116
+# (g128 rewrites only SmolLM2's 30 down projections.) Least weight error over many clip ratios
+# is not least output error everywhere (mse loses at g128). "grid" wins on perplexity in every
+# row and on SQNR / cosine except SmolLM2 g128, where its logits SQNR is 0.05-0.13 dB under
+# torchao and plain rounding; the w4a16 preset uses it.
 INT4_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 ... 0.6
 WEIGHT_CLIPS = ("grid", "mse", "none")
 
