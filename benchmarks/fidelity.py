@@ -68,13 +68,15 @@ def qhl_backend(scheme: str, **knobs: Any) -> Any:
 def qhl_variants(scheme: str) -> dict[str, dict[str, Any]]:
     """impl label -> extra recipe knobs. "qhl" is the recipe's defaults (the row the issue's targets
     judge; every row is also compared with RTN and torchao).
-    For int4, weight_clip="mse" is measured as well when it is not the default (an extra row,
-    "qhl clip=mse"), so the table shows what that knob does on real weights; plain rounding
-    (weight_clip="none") is the RTN row."""
+    For int4, weight_clip="mse" and "grid_clip" are measured as well when they are not the default
+    (extra rows, "qhl clip=mse", "qhl clip=grid_clip"), so the table shows what that knob does on
+    real weights; plain rounding (weight_clip="none") is the RTN row."""
     out: dict[str, dict[str, Any]] = {"qhl": {}}
     default = getattr(qhl.recipe("w4a16"), "weight_clip", None)
-    if SCHEMES.get(scheme, ("", None))[1] and default not in (None, "mse"):
-        out["qhl clip=mse"] = {"weight_clip": "mse"}
+    if SCHEMES.get(scheme, ("", None))[1] and default is not None:
+        for other in ("mse", "grid_clip"):
+            if other != default and other in quant.WEIGHT_CLIPS:
+                out[f"qhl clip={other}"] = {"weight_clip": other}
     if scheme == "w8a8":
         # The same recipe run op by op instead of compiled whole by Inductor: the two differ only in
         # float32 rounding, which a deep per-token-quantized model turns into different code flips.
@@ -412,8 +414,9 @@ def markdown(result: dict[str, Any]) -> str:
               f"{w4.get('layers', '?')} SmolLM2 matmuls: K = 576 is not a multiple of 128, so only the down "
               "projections (K = 1536) are int4 and the rest stay float (torchao and RTN are given the same "
               "layers). At g64 every layer is int4.",
-              f"- qhl's int4 scales: recipe default weight_clip={clip!r} ('mse' = per-group clip ratio "
-              "with least squared error, 'none' = plain amax). The `qhl clip=...` rows use the other value of "
+              f"- qhl's int4 scales: recipe default weight_clip={clip!r} ('grid' = per group the closest of "
+              "three grids that clip nothing, 'grid_clip' = those and torchao's amax/7.5, 'mse' = per-group clip "
+              "ratio with least squared error, 'none' = plain amax). The `qhl clip=...` rows use other values of "
               "that knob; the `qhl` rows (recipe defaults) are the ones held to the issue's targets. RTN rows "
               "never clip." if clip else
               "- qhl's int4 scales: plain amax round-to-nearest (this qhl has no weight_clip knob).",

@@ -7,9 +7,10 @@ Conventions (one set, used by the spec, the Triton kernels and the ONNX translat
   Weights [N, K]: one scale per output channel (row).
 * int4, group-wise along K (group g in {32, 64, 128}), stored as unsigned 4-bit codes c in [0, 15]:
   symmetric:  s = r * amax / 7,       c = clamp(round(w / s) + 8, 0, 15),  zero z = 8
-              (or, weight_clip="grid", per group the closest of that, s = amax / 7.5,
-              s = max(max / 7, -min / 8) and s = -max(max / 8, -min / 7), the last three with q in
-              [-8, 7]; the last scale is negative, which (c - z) * s dequantizes as any other)
+              (or, weight_clip="grid", per group the closest of that, s = max(max / 7, -min / 8) and
+              s = -max(max / 8, -min / 7), the last two with q in [-8, 7] and nothing clipped;
+              the last scale is negative, which (c - z) * s dequantizes as any other;
+              "grid_clip" adds s = amax / 7.5 on [-8, 7], which clips a positive peak)
   asymmetric: s = r * (max - min) / 15,  z = clamp(round(-r * min / s), 0, 15),
               c = clamp(round(w / s) + z, 0, 15)
   with clip ratio r = 1 (plain round-to-nearest) or chosen per group by least squared error.
@@ -104,16 +105,17 @@ def unpack_int4(packed: Tensor) -> Tensor:
 # Clip ratios tried by the MSE scale search for int4 (1.0 = plain round-to-nearest of amax).
 # Measured with qhl's compiled SmolLM2-135M, 4x512 tokens (logits SQNR dB / perplexity, float32
 # 30.885; benchmarks/results/fidelity_avx2.md), and MiniLM-L6 g128 (embedding cosine mean / min):
-#                  plain           mse             torchao          "grid" (four)    two grids (before)
-#   SmolLM2 g64    2.75 / 47.81    7.28 / 41.39    6.37 / 42.45     9.12 / 38.52     5.69 / 41.50
-#   SmolLM2 g128   12.16 / 34.50   11.26 / 34.78   12.08 / 34.38    12.03 / 33.75    12.22 / 34.01
-#   MiniLM g128    .9228 / .8869   .9510 / .9295   .9328 / .9152    .9390 / .9165    .9340 / .9116
+#                  plain           mse             torchao          "grid"           "grid_clip"
+#   SmolLM2 g64    2.75 / 47.81    7.28 / 41.39    6.37 / 42.45     7.98 / 39.08     9.12 / 38.52
+#   SmolLM2 g128   12.16 / 34.50   11.26 / 34.78   12.08 / 34.38    12.66 / 33.51    12.03 / 33.75
+#   MiniLM g128    .9228 / .8869   .9510 / .9295   .9328 / .9152    .9377 / .9162    .9390 / .9165
 # (g128 rewrites only SmolLM2's 30 down projections.) Least weight error over many clip ratios
-# is not least output error everywhere (mse loses at g128). "grid" wins on perplexity in every
-# row and on SQNR / cosine except SmolLM2 g128, where its logits SQNR is 0.05-0.13 dB under
-# torchao and plain rounding; the w4a16 preset uses it.
+# is not least output error everywhere (mse loses at g128). Adding torchao's clipped amax / 7.5
+# to the grids ("grid_clip") helps at g64 and costs 0.6 dB at g128, where it falls under plain
+# rounding; "grid" clips nothing and beats plain rounding and torchao in every row, so the w4a16
+# preset uses it (six windows each: benchmarks/results/int4_grid_choice.md).
 INT4_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 ... 0.6
-WEIGHT_CLIPS = ("grid", "mse", "none")
+WEIGHT_CLIPS = ("grid", "grid_clip", "mse", "none")
 
 
 def _int4_params(groups: Tensor, symmetric: bool, ratio: float) -> tuple[Tensor, Tensor]:
@@ -136,24 +138,25 @@ def _int4_error(groups: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return ((_int4_codes(groups, scale, zero) - zero[..., None]) * scale[..., None] - groups).pow_(2).sum(-1)
 
 
-def _int4_grid_scales(groups: Tensor) -> tuple[Tensor, ...]:
-    """The grids that weight_clip="grid" tries besides amax / 7 on q in [-7, 7], all on [-8, 7]:
+def _int4_grid_scales(groups: Tensor, with_clip: bool) -> tuple[Tensor, ...]:
+    """The grids that weight_clip="grid" tries besides amax / 7 on q in [-7, 7], both on [-8, 7]:
 
-    * amax / 7.5 (torchao's int4 grid): all 16 levels, a positive peak saturates at 7s = 0.93 amax;
     * max(max / 7, -min / 8): the finest scale that clips nothing. A group whose negative side is
       the larger puts its peak on q = -8 exactly, with a step down to 7/8 of amax / 7's;
     * -max(max / 8, -min / 7): the same grid mirrored. A negative scale flips [-8, 7] to cover
       [-7s', 8s'] in weight units (s' = |s|), so a positive peak lands on q = -8 exactly.
     The codes [-8, 7] are asymmetric; the two signs of the scale let either side of a group use
     the 16th level. Every face dequantizes (c - 8) * s, which holds for either sign.
+    with_clip ("grid_clip") first adds amax / 7.5 (torchao's int4 grid): all 16 levels, a positive
+    peak saturates at 7s = 0.93 amax.
     """
     peak_pos = groups.amax(dim=-1).clamp(min=0.0)
     peak_neg = groups.amin(dim=-1).neg().clamp(min=0.0)
-    return (
-        _safe_scale(groups.abs().amax(dim=-1), 7.5),
+    unclipped = (
         _safe_scale(torch.maximum(peak_pos / 7, peak_neg / 8), 1.0),
         _safe_scale(torch.maximum(peak_pos / 8, peak_neg / 7), 1.0).neg_(),
     )
+    return ((_safe_scale(groups.abs().amax(dim=-1), 7.5),) if with_clip else ()) + unclipped
 
 
 def quantize_int4_groupwise(
@@ -165,12 +168,13 @@ def quantize_int4_groupwise(
     clip="none": the scale spans each group's full range (round-to-nearest).
     clip="mse": per group, the clip ratio in INT4_CLIP_RATIOS whose dequantized group is closest
     to the float group (least squared error).
-    clip="grid" (symmetric only; asymmetric groups get "none"): per group, whichever of four
-    symmetric grids is closest to the float group (least squared error; ties keep the earlier):
-    s = amax / 7 with q in [-7, 7] (plain rounding, amax exact), and with q in [-8, 7]:
-    s = amax / 7.5 (torchao's int4 grid; +amax saturates at 7s = 0.93 amax),
-    s = max(max / 7, -min / 8) (the finest grid that clips nothing), or s = -max(max / 8, -min / 7)
-    (that grid mirrored: a negative scale, so a positive peak takes q = -8). See _int4_grid_scales.
+    clip="grid" (symmetric only; asymmetric groups get "none"): per group, whichever of three
+    symmetric grids that clip nothing is closest to the float group (least squared error; ties
+    keep the earlier): s = amax / 7 with q in [-7, 7] (plain rounding, amax exact), and with q in
+    [-8, 7] s = max(max / 7, -min / 8) (the finest grid that clips nothing) or
+    s = -max(max / 8, -min / 7) (that grid mirrored: a negative scale, so a positive peak takes
+    q = -8). clip="grid_clip": the same with s = amax / 7.5 on [-8, 7] (torchao's int4 grid; +amax
+    saturates at 7s = 0.93 amax) tried second. See _int4_grid_scales.
     A compile-time choice of scale only: the stored format (codes q + 8, zero 8) and the
     dequantization are the same for every choice.
     K must be divisible by group_size (and even); callers check and decline otherwise.
@@ -191,9 +195,9 @@ def quantize_int4_groupwise(
             better = err < best_err
             scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
             best_err = torch.minimum(err, best_err)
-    elif clip == "grid" and symmetric:
+    elif clip in ("grid", "grid_clip") and symmetric:
         best_err = _int4_error(groups, scale, zero)
-        for s in _int4_grid_scales(groups):
+        for s in _int4_grid_scales(groups, with_clip=clip == "grid_clip"):
             err = _int4_error(groups, s, zero)
             better = err < best_err
             scale, best_err = torch.where(better, s, scale), torch.minimum(err, best_err)
@@ -221,7 +225,7 @@ def quantize_int4_per_channel(w: Tensor, clip: str = "none") -> tuple[Tensor, Te
     with the whole row as the group).
     """
     if clip not in ("mse", "none"):
-        raise ValueError(f"clip={clip!r}; per-channel int4 takes 'mse' or 'none' ('grid' is group-wise only)")
+        raise ValueError(f"clip={clip!r}; per-channel int4 takes 'mse' or 'none' ('grid' and 'grid_clip' are group-wise only)")
     n, k = w.shape
     if k % 2:
         raise ValueError(f"int4 packing needs an even K, got K={k}")

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from qhl.codegen.quant import WEIGHT_CLIPS
 from qhl.errors import RecipeError
 
 __all__ = ["Recipe", "LayerOverride", "recipe", "recipes", "FORMS", "RECIPE_VERSION"]
@@ -78,9 +79,10 @@ class Recipe:
     symmetric: bool = True
     # int4 scales: "none" = plain amax round-to-nearest; "mse" = per-group clip ratio with the
     # least squared weight error (helps w4a16 g64 on SmolLM2 a lot, hurts g128); "grid" = per
-    # group the closest of four symmetric grids (amax/7 on [-7, 7]; amax/7.5, the finest unclipped
-    # grid and its mirror, a negative scale, on [-8, 7]): the w4a16 preset's default, measured
-    # better than plain rounding and torchao's grid on SmolLM2 and MiniLM (codegen/quant.py)
+    # group the closest of three symmetric grids that clip nothing (amax/7 on [-7, 7]; the finest
+    # unclipped grid on [-8, 7] and its mirror, a negative scale): the w4a16 preset's default,
+    # measured better than plain rounding and torchao's grid on SmolLM2 and MiniLM; "grid_clip" =
+    # "grid" plus torchao's amax/7.5, better at g64 and worse at g128 (codegen/quant.py)
     weight_clip: str = "none"
     # Hadamard rotation (issue 5). None: no rotation. "online": y = Q(x H) . Q(W H)^T at every
     # rotated layer; "offline": rotate the residual stream by computational invariance (QuaRot)
@@ -127,11 +129,11 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.form is not None and self.form not in FORMS:
             raise RecipeError(f"unknown form {self.form!r}; valid forms: {sorted(FORMS)}")
-        if self.weight_clip not in ("grid", "mse", "none"):
-            raise RecipeError(f"weight_clip={self.weight_clip!r}; valid: ['grid', 'mse', 'none']")
-        if self.weight_clip == "grid" and self.form in ("w4a8", "w4a4"):
+        if self.weight_clip not in WEIGHT_CLIPS:
+            raise RecipeError(f"weight_clip={self.weight_clip!r}; valid: {list(WEIGHT_CLIPS)}")
+        if self.weight_clip in ("grid", "grid_clip") and self.form in ("w4a8", "w4a4"):
             raise RecipeError(
-                f"weight_clip='grid' is for group-wise int4 (w4a16 and its relatives); {self.form}'s per-channel "
+                f"weight_clip={self.weight_clip!r} is for group-wise int4 (w4a16 and its relatives); {self.form}'s per-channel "
                 "int4 takes 'mse' or 'none'"
             )
         if self.rotation not in ROTATIONS:
@@ -308,7 +310,7 @@ def _presets() -> dict[str, Recipe]:
                 "w8a8": _preset("w8a8", "w8a8", FORMS["w8a8"]),
                 "w8a16": _preset("w8a16", "w8a16", FORMS["w8a16"]),
                 # weight_clip="grid": measured better than plain rounding and than torchao's int4
-                # grid on SmolLM2 (g64 and g128) and MiniLM (codegen/quant.py).
+                # grid on SmolLM2 (g64 and g128, six windows each) and MiniLM (codegen/quant.py).
                 "w4a16": _preset("w4a16", "w4a16", FORMS["w4a16"], weight_clip="grid"),
                 "w4a8": _preset("w4a8", "w4a8", FORMS["w4a8"]),
                 "w4a4": _preset("w4a4", "w4a4", FORMS["w4a4"]),

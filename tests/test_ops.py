@@ -280,16 +280,18 @@ def test_grad_face_half_precision_keeps_dtypes():
     assert torch.isfinite(x.grad).all()
 
 
-# --- the int4 "grid" scale choice (weight_clip="grid", the w4a16 preset's default) ---------------
+# --- the int4 "grid" scale choices (weight_clip="grid", the w4a16 preset's default, and "grid_clip") --
 
 
 @pytest.mark.parametrize("group_size", [32, 128])
-def test_int4_grid_takes_the_closest_of_four_symmetric_grids(group_size):
-    """Per group, the dequantized weight is exactly one of four candidates, the one with the
-    smallest squared error (ties keep the earlier): amax/7 on [-7, 7], then on [-8, 7] amax/7.5,
-    max(max/7, -min/8) and -max(max/8, -min/7). Each wins somewhere on a Gaussian weight; the
-    last two clip nothing and put a negative (third) or positive (fourth, a negative scale) peak
-    on q = -8 exactly."""
+@pytest.mark.parametrize("clip", ["grid", "grid_clip"])
+def test_int4_grid_takes_the_closest_symmetric_grid(group_size, clip):
+    """Per group, the dequantized weight is exactly one of the candidates, the one with the
+    smallest squared error (ties keep the earlier): amax/7 on [-7, 7], then on [-8, 7]
+    ("grid_clip" only: amax/7.5,) max(max/7, -min/8) and -max(max/8, -min/7). Each wins somewhere
+    on a Gaussian weight; the last two clip nothing and put a negative or a positive (a negative
+    scale) peak on q = -8 exactly. "grid" never clips: every group's peaks are held exactly or
+    inside the grid."""
     torch.manual_seed(0)
     w = torch.randn(64, 256)
     n, k = w.shape
@@ -298,39 +300,43 @@ def test_int4_grid_takes_the_closest_of_four_symmetric_grids(group_size):
     top, bottom = groups.amax(-1, keepdim=True), -groups.amin(-1, keepdim=True)
     fine = torch.maximum(top / 7, bottom / 8)
     mirrored = -torch.maximum(top / 8, bottom / 7)
-    candidates = [
-        torch.round(groups / (amax / 7)).clamp(-7, 7) * (amax / 7),
-        torch.round(groups / (amax / 7.5)).clamp(-8, 7) * (amax / 7.5),
-        torch.round(groups / fine).clamp(-8, 7) * fine,
-        torch.round(groups / mirrored).clamp(-8, 7) * mirrored,
-    ]
-    errors = torch.stack([(c - groups).pow(2).sum(-1) for c in candidates])  # [4, N, K/g]
+    candidates = [torch.round(groups / (amax / 7)).clamp(-7, 7) * (amax / 7)]
+    if clip == "grid_clip":
+        candidates.append(torch.round(groups / (amax / 7.5)).clamp(-8, 7) * (amax / 7.5))
+    candidates += [torch.round(groups / fine).clamp(-8, 7) * fine, torch.round(groups / mirrored).clamp(-8, 7) * mirrored]
+    fine_at, mirror_at = len(candidates) - 2, len(candidates) - 1
+    errors = torch.stack([(c - groups).pow(2).sum(-1) for c in candidates])  # [grids, N, K/g]
     winner = errors.argmin(0)  # argmin returns the first minimum: ties keep the earlier grid
     want = torch.stack(candidates).gather(0, winner[None, ..., None].expand(1, *groups.shape))[0]
-    packed, scale, zero = quant.quantize_int4_groupwise(w, group_size, True, "grid")
+    packed, scale, zero = quant.quantize_int4_groupwise(w, group_size, True, clip)
     got = quant.dequantize_int4_groupwise(packed, scale, zero, group_size).reshape(groups.shape)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    assert set(winner.unique().tolist()) == {0, 1, 2, 3}  # each grid wins somewhere
-    assert torch.equal(scale < 0, winner == 3)  # only the mirrored grid has a negative scale
+    assert set(winner.unique().tolist()) == set(range(len(candidates)))  # each grid wins somewhere
+    assert torch.equal(scale < 0, winner == mirror_at)  # only the mirrored grid has a negative scale
     assert int((quant.unpack_int4(packed) == 0).sum()) > 0 and torch.all(zero == 8)
-    # a group of the third grid whose negative peak sets its scale (-min / 8 > max / 7) holds it exactly
-    third = (winner == 2) & (-groups.amin(-1) / 8 > groups.amax(-1) / 7)
+    # a group of the finest grid whose negative peak sets its scale (-min / 8 > max / 7) holds it exactly
+    third = (winner == fine_at) & (-groups.amin(-1) / 8 > groups.amax(-1) / 7)
     assert third.any()
     torch.testing.assert_close(got.amin(-1)[third], groups.amin(-1)[third], rtol=1e-6, atol=0)
-    fourth = (winner == 3) & (groups.amax(-1) / 8 > -groups.amin(-1) / 7)  # and the mirror, a positive peak
+    fourth = (winner == mirror_at) & (groups.amax(-1) / 8 > -groups.amin(-1) / 7)  # and the mirror, a positive peak
     assert fourth.any()
     torch.testing.assert_close(got.amax(-1)[fourth], groups.amax(-1)[fourth], rtol=1e-6, atol=0)
     # never worse than plain rounding, group by group
     plain = quant.dequantize_int4_groupwise(*quant.quantize_int4_groupwise(w, group_size, True), group_size)
     assert torch.all((got - groups).pow(2).sum(-1) <= (plain.reshape(groups.shape) - groups).pow(2).sum(-1) + 1e-9)
+    # every weight lies within half a step of its dequantized value: "grid" never clips, and
+    # "grid_clip"'s amax / 7.5 saturates a positive peak (7.5 s -> 7 s) by exactly half a step
+    assert torch.all((got - groups).abs() <= scale.abs()[..., None] / 2 * (1 + 1e-5))
 
 
 def test_int4_grid_is_plain_rounding_for_asymmetric_groups_and_refused_per_channel():
     w = torch.randn(16, 64)
-    for a, b in zip(quant.quantize_int4_groupwise(w, 32, False, "grid"), quant.quantize_int4_groupwise(w, 32, False)):
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="'grid' is group-wise only"):
-        quant.quantize_int4_per_channel(w, "grid")
+    for clip in ("grid", "grid_clip"):
+        for a, b in zip(quant.quantize_int4_groupwise(w, 32, False, clip), quant.quantize_int4_groupwise(w, 32, False)):
+            assert torch.equal(a, b)
+    for clip in ("grid", "grid_clip"):
+        with pytest.raises(ValueError, match="'grid' and 'grid_clip' are group-wise only"):
+            quant.quantize_int4_per_channel(w, clip)
+        with pytest.raises(qhl.RecipeError, match="per-channel int4 takes 'mse' or 'none'"):
+            qhl.recipe("w4a8", weight_clip=clip)
     assert qhl.recipe("w4a16").weight_clip == "grid"
-    with pytest.raises(qhl.RecipeError, match="per-channel int4 takes 'mse' or 'none'"):
-        qhl.recipe("w4a8", weight_clip="grid")
