@@ -115,7 +115,8 @@ def unpack_int4(packed: Tensor) -> Tensor:
 # rounding; "grid" clips nothing and beats plain rounding and torchao in every row, so the w4a16
 # preset uses it (six windows each: benchmarks/results/int4_grid_choice.md).
 INT4_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 ... 0.6
-WEIGHT_CLIPS = ("grid", "grid_clip", "mse", "none")
+GROUPWISE_CLIPS = ("grid", "grid_clip")  # scale choices that exist only for group-wise int4
+WEIGHT_CLIPS = (*GROUPWISE_CLIPS, "mse", "none")
 
 
 def _int4_params(groups: Tensor, symmetric: bool, ratio: float) -> tuple[Tensor, Tensor]:
@@ -195,7 +196,7 @@ def quantize_int4_groupwise(
             better = err < best_err
             scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
             best_err = torch.minimum(err, best_err)
-    elif clip in ("grid", "grid_clip") and symmetric:
+    elif clip in GROUPWISE_CLIPS and symmetric:
         best_err = _int4_error(groups, scale, zero)
         for s in _int4_grid_scales(groups, with_clip=clip == "grid_clip"):
             err = _int4_error(groups, s, zero)
@@ -225,7 +226,9 @@ def quantize_int4_per_channel(w: Tensor, clip: str = "none") -> tuple[Tensor, Te
     with the whole row as the group).
     """
     if clip not in ("mse", "none"):
-        raise ValueError(f"clip={clip!r}; per-channel int4 takes 'mse' or 'none' ('grid' and 'grid_clip' are group-wise only)")
+        raise ValueError(
+            f"clip={clip!r}; per-channel int4 takes 'mse' or 'none' ('grid' and 'grid_clip' are group-wise only)"
+        )
     n, k = w.shape
     if k % 2:
         raise ValueError(f"int4 packing needs an even K, got K={k}")

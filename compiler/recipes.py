@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from qhl.codegen.quant import WEIGHT_CLIPS
+from qhl.codegen.quant import GROUPWISE_CLIPS, WEIGHT_CLIPS
 from qhl.errors import RecipeError
 
 __all__ = ["Recipe", "LayerOverride", "recipe", "recipes", "FORMS", "RECIPE_VERSION"]
@@ -131,7 +131,7 @@ class Recipe:
             raise RecipeError(f"unknown form {self.form!r}; valid forms: {sorted(FORMS)}")
         if self.weight_clip not in WEIGHT_CLIPS:
             raise RecipeError(f"weight_clip={self.weight_clip!r}; valid: {list(WEIGHT_CLIPS)}")
-        if self.weight_clip in ("grid", "grid_clip") and self.form in ("w4a8", "w4a4"):
+        if self.weight_clip in GROUPWISE_CLIPS and self.form in ("w4a8", "w4a4"):
             raise RecipeError(
                 f"weight_clip={self.weight_clip!r} is for group-wise int4 (w4a16 and its relatives); {self.form}'s per-channel "
                 "int4 takes 'mse' or 'none'"
