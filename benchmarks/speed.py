@@ -2,7 +2,8 @@
 
 (a) four nn.Linear(4096, 4096) in a row at 1/64/256/512 tokens: eager float32, qhl w8a8
     (`torch.compile(backend="qhl")`), torchao Int8DynamicActivationInt8WeightConfig + inductor.
-(b) qhl w8a16 and w4a16 (g128) on the same stack at 1 token, against eager float32.
+(b) qhl w8a16 and w4a16 (g128) on the same stack at 1 token, against eager float32; and the same
+    with w8a8 at 4 tokens (a small decode batch), where the CPU faces still run one GEMV per token.
 (c) wall-clock of SmolLM2-135M's first call under qhl w8a8 (capture + passes + packing).
 
 Every timing is the whole compiled call (per-token quantization prologue, GEMM and dequantize
@@ -147,15 +148,17 @@ def part_a(tokens: list[int], warmup: int, reps: int, rounds: int) -> list[dict[
     return rows
 
 
-def part_b(warmup: int, reps: int, rounds: int) -> dict[str, Any]:
+def part_b(warmup: int, reps: int, rounds: int, tokens: int = 1) -> dict[str, Any]:
     torch._dynamo.reset()
     model = stack()
-    x = torch.randn(1, WIDTH)
+    x = torch.randn(tokens, WIDTH)
     fns: dict[str, Callable[[], Any]] = {"eager": lambda: model(x)}
     compiled = {"w8a16": compile_qhl(model, "w8a16"), "w4a16": compile_qhl(model, "w4a16", group_size=128)}
+    if tokens > 1:
+        compiled["w8a8"] = compile_qhl(model, "w8a8")
     for name, c in compiled.items():
         fns[f"qhl {name}"] = lambda c=c: c(x)
-    log.info("(b) 1 token: compiling and timing eager / qhl w8a16 / qhl w4a16 (g128)")
+    log.info("(b) %d token(s): compiling and timing eager / qhl %s", tokens, " / qhl ".join(compiled))
     bench = Bench(fns, warmup)
     for _ in range(rounds):
         bench.sample(reps)
@@ -171,7 +174,7 @@ def part_b(warmup: int, reps: int, rounds: int) -> dict[str, Any]:
         q["speedup_vs_eager"] = e / q["median_ms"]
         q["speedup_range"] = _ratio_range(r["eager"], q)
         log.info("(b) eager %.2f ms | qhl %s %.2f ms (%.2fx)", e, name, q["median_ms"], q["speedup_vs_eager"])
-    return dict(tokens=1, results=r)
+    return dict(tokens=tokens, results=r)
 
 
 def part_c() -> dict[str, Any]:
@@ -248,14 +251,15 @@ def markdown(res: dict[str, Any]) -> str:
             f"{row['qhl_vs_torchao']:.2f}x {_rng(row['qhl_vs_torchao_range'])} | "
             f"{r['qhl'].get('sqnr_db', math.nan):.1f} / {r['torchao'].get('sqnr_db', math.nan):.1f} |")
     lines += ["", "qhl vs torchao > 1 means qhl is faster.", "",
-              "**(b) weight-only at 1 token**", "",
-              "| variant | ms | vs eager fp32 | SQNR (dB) |", "|---|---:|---:|---:|"]
-    for name, r in res["b"]["results"].items():
-        if name == "eager":
-            lines.append(f"| {name} | {_ms(r)} | 1.00x | reference |")
-            continue
-        sp = f"{r.get('speedup_vs_eager', math.nan):.2f}x {_rng(r.get('speedup_range'))}"
-        lines.append(f"| {name} | {_ms(r)} | {sp} | {r.get('sqnr_db', math.nan):.1f} |")
+              "**(b) weight-only at 1 token, and at 4 tokens with w8a8**", "",
+              "| tokens | variant | ms | vs eager fp32 | SQNR (dB) |", "|---:|---|---:|---:|---:|"]
+    for part in (res["b"], res.get("b_few")):
+        for name, r in (part or {}).get("results", {}).items():
+            if name == "eager":
+                lines.append(f"| {part['tokens']} | {name} | {_ms(r)} | 1.00x | reference |")
+                continue
+            sp = f"{r.get('speedup_vs_eager', math.nan):.2f}x {_rng(r.get('speedup_range'))}"
+            lines.append(f"| {part['tokens']} | {name} | {_ms(r)} | {sp} | {r.get('sqnr_db', math.nan):.1f} |")
     c = res.get("c")
     lines += ["", "**(c) SmolLM2-135M compile under qhl w8a8**", ""]
     if c:
@@ -307,6 +311,7 @@ def main() -> None:
     res: dict[str, Any] = dict(machine=machine("torchao"), args=vars(args))
     res["a"] = part_a(tokens, args.warmup, args.reps, args.rounds)
     res["b"] = part_b(args.warmup, args.reps, args.rounds)
+    res["b_few"] = part_b(args.warmup, args.reps, args.rounds, tokens=4)
     res["c"] = None if args.quick else part_c()
     res["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)

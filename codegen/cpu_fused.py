@@ -1,5 +1,6 @@
-"""Fused CPU prologue and epilogues of the int8 GEMM forms (w8a8, w4a8, w4a4), and w4a16's 1-token
-GEMV (`int4_gemv`, see codegen/w4a16.py), compiled by Inductor.
+"""Fused CPU prologue and epilogues of the int8 GEMM forms (w8a8, w4a8, w4a4), and the 1-token
+GEMVs of the weight-only forms (`int4_gemv`, `int8_gemv_bits`, `int4_gemv_bits`; codegen/w8a16.py,
+codegen/w4a16.py), compiled by Inductor.
 
 The CPU faces of these ops are one exact int8 GEMM (`torch._int_mm`, oneDNN) between an
 elementwise prologue and epilogue:
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["enabled", "disable_reason", "per_token_codes", "epilogue_rows", "epilogue_scaled", "epilogue_cols",
+           "bits_gemv_decline", "int8_gemv_bits", "int4_gemv_bits", "BITS_GEMV_MAX_TOKENS",
            "int4_gemv"]
 
 log = logging.getLogger(__name__)
@@ -89,11 +91,64 @@ def _int4_gemv(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, group_size
     return (part * scale[None]).sum(-1)
 
 
-# Compiled per shape: the 1-token GEMV vectorizes its group reduction only with a static group
-# size (0.69 against 0.92 ms on a 4096 x 4096 layer); a model has few distinct layer shapes.
-_STATIC = ("int4_gemv",)
+# The bit-mask GEMVs (CPUs with AVX2 alone). Inductor's CPU codegen loads an int8 or int32 vector
+# through a stack copy (at::vec's loadu(ptr, count) has no fast path for integer types in torch
+# 2.13), a store-forwarding stall on every load: its GEMV over int8 codes ran at 11.9 ms a
+# 4096 x 4096 layer against float32's 3.1. A float32 vector load has the fast path, so these
+# functions take the weight's bytes viewed as float32 and reinterpret them as int32 inside the
+# loop (a register bitcast). Each int32 lane holds 4 int8 codes (or 8 int4 codes); code j of a
+# lane is masked out in place, w & (0xFF << 8j), which is q * 2^(8j) exactly; the float32
+# conversion of that is exact too (at most 8 significant bits), and it meets x[k] * 2^(-8j)
+# (scaled once per call, exact unless |x| < 2^-102), so every product q * x rounds as the spec's
+# does. int8 codes are sign-extended with ((w & m) ^ s) - s (s the code's sign bit); int4 codes
+# are unsigned, and (c - z) * 2^(4j) = float(w & m) - z * 2^(4j) exactly. The top nibble is
+# shifted down first ((w >> 4) & 0x0F000000), so that no mask reaches the int32 sign bit.
+
+
+def _int8_gemv_bits(xs: Tensor, w_bits: Tensor, w_scale: Tensor) -> Tensor:
+    # xs [4, K/4]: xs[j, l] = x[4l + j] * 2^(-8j); w_bits [N, K/4]: the int8 weight's bytes as
+    # float32. y[0, n] = s_w[n] * sum_k x[k] * q[n, k].
+    w = w_bits.view(torch.int32)
+    acc = None
+    for j in range(4):
+        if j == 3:
+            q = w & -(1 << 24)  # the top byte, already signed
+        else:
+            sign = 0x80 << (8 * j)
+            q = ((w & (0xFF << (8 * j))) ^ sign) - sign
+        term = q.float() * xs[j]
+        acc = term if acc is None else acc + term
+    return (acc.sum(-1) * w_scale)[None]
+
+
+def _int4_gemv_bits(xs: Tensor, w_bits: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
+    # xs [8, G, g/8]: xs[j, G, l] = x[G*g + 8l + j] * 2^(-4j) (2^-24 for j = 7); w_bits [N, G, g/8]:
+    # the packed uint8 weight (two codes a byte, low nibble first) as float32; scale [N, G, 1]
+    # float32, zero [N, G, 1] uint8, or None when every zero point is 8 (symmetric: c - 8 is then
+    # one integer subtraction, 10% faster). y[0, n] = sum_G s[n, G] * sum_{k in G} x[k] * (c[n, k] - z[n, G]).
+    w = w_bits.view(torch.int32)
+    z = None if zero is None else zero.float()
+    acc = None
+    for j in range(8):
+        shift = 24 if j == 7 else 4 * j
+        c = ((w >> 4) & 0x0F000000) if j == 7 else (w & (0xF << shift))
+        if z is None:
+            centered = c.float() - float(8 << shift)
+        else:
+            centered = c.float() - z * float(1 << shift)
+        term = centered * xs[j]
+        acc = term if acc is None else acc + term
+    return (acc.sum(-1, keepdim=True) * scale).sum(-1).sum(-1)[None]
+
+
+# Compiled per shape: the 1-token GEMVs vectorize their reductions only with a static inner length
+# (the group, or K): 0.69 against 0.92 ms on a 4096 x 4096 layer. The bit-mask GEMVs mark their
+# outer dimensions (output rows, groups) dynamic (`_mark_outer_dynamic`), so that the layer shapes
+# of a model share one compiled graph per group size (per K for int8) and stay under Dynamo's
+# recompile limit (8 graphs a function, then it runs eagerly).
+_STATIC = ("int4_gemv", "int8_gemv_bits", "int4_gemv_bits")
 _FUNCTIONS = {"prologue": _prologue, "rows": _epilogue_rows, "scaled": _epilogue_scaled, "cols": _epilogue_cols,
-              "int4_gemv": _int4_gemv}
+              "int4_gemv": _int4_gemv, "int8_gemv_bits": _int8_gemv_bits, "int4_gemv_bits": _int4_gemv_bits}
 
 
 @functools.cache
@@ -162,6 +217,93 @@ def epilogue_cols(acc_t: Tensor, w_scale: Tensor, x_scale: Tensor, bias: Optiona
                   out_dtype: torch.dtype) -> Tensor:
     """y [M, N] = (acc_t^T * s_w) * s_x (+ b) from the transposed GEMM's acc_t int32 [N, M]."""
     return _call("cols", acc_t, w_scale, x_scale, bias, out_dtype)
+
+
+def _mark_outer_dynamic(*marks: tuple[Tensor, tuple[int, ...]]) -> None:
+    for t, dims in marks:
+        for d in dims:
+            torch._dynamo.maybe_mark_dynamic(t, d)
+
+
+def _bits_view(w: Tensor, lanes_shape: tuple[int, ...]) -> Optional[Tensor]:
+    """w's bytes as float32 of shape lanes_shape, or None where they can't be viewed so."""
+    if not w.is_contiguous() or w.storage_offset() % 4 or (w.shape[-1] * w.element_size()) % 4:
+        return None
+    return w.view(torch.float32).view(lanes_shape)
+
+
+_INT8_SHIFTS = (1.0, 2.0**-8, 2.0**-16, 2.0**-24)
+_INT4_SHIFTS = tuple(2.0 ** (-4 * j) for j in range(7)) + (2.0**-24,)
+
+
+def _spread(x: Tensor, per_lane: int, shifts: tuple[float, ...]) -> Tensor:
+    """xs [per_lane, K / per_lane] with xs[j, l] = x[per_lane * l + j] * shifts[j] (exact: powers of 2)."""
+    k = x.shape[-1]
+    xs = torch.empty(per_lane, k // per_lane)
+    torch.mul(x.reshape(k // per_lane, per_lane).t(), x.new_tensor(shifts)[:, None], out=xs)
+    return xs
+
+
+def bits_gemv_decline(k: int, group_size: Optional[int] = None) -> Optional[str]:
+    """Why the bit-mask GEMVs can't take a [N, K] weight (None when they can): the int32 lanes
+    must tile K, and a group must fill an AVX2 vector of 8 lanes (64 int4 codes)."""
+    if group_size is None:
+        return None if k % 4 == 0 else f"K={k} is not a multiple of 4 (int8 codes per int32 lane)"
+    if group_size % 64 or k % group_size:
+        return f"group size {group_size} is not a multiple of 64 (one 8-lane vector of int4 codes)"
+    return None
+
+
+# Up to this many tokens the bit-mask GEMVs run once per token: measured on the AVX2 EPYC (2
+# threads, 4 x Linear(4096, 4096)), float32 takes 14, 31, 50 and 55 ms at 1, 2, 3 and 4 tokens and
+# ~55 ms at 8, while the int8 GEMV takes ~4.3 ms a token.
+BITS_GEMV_MAX_TOKENS = 4
+
+
+def _per_token(x2: Tensor, n: int, gemv) -> Tensor:
+    """y [M, N]: gemv(x2[i : i + 1]) for each of the M tokens."""
+    if x2.shape[0] == 1:
+        return gemv(x2)
+    y = torch.empty(x2.shape[0], n)
+    for i in range(x2.shape[0]):
+        y[i : i + 1] = gemv(x2[i : i + 1])
+    return y
+
+
+def int8_gemv_bits(x2: Tensor, w_int8: Tensor, w_scale: Tensor) -> Optional[Tensor]:
+    """y [M, N] float32 = (x2 @ Wq^T) * s_w from x2 [M, K] float32 (M <= BITS_GEMV_MAX_TOKENS), Wq
+    int8 [N, K], s_w float32 [N] (w8a16, and w8a8's codes, at few tokens on a CPU with AVX2
+    alone), or None where Wq's bytes can't be viewed as int32 lanes (the caller keeps its other
+    path)."""
+    n, k = w_int8.shape
+    bits = _bits_view(w_int8, (n, k // 4)) if bits_gemv_decline(k) is None else None
+    if bits is None:
+        return None
+    _mark_outer_dynamic((bits, (0,)), (w_scale, (0,)))
+    return _per_token(x2, n, lambda row: _call("int8_gemv_bits", _spread(row, 4, _INT8_SHIFTS), bits, w_scale))
+
+
+def int4_gemv_bits(x2: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int,
+                   symmetric: bool = False) -> Optional[Tensor]:
+    """y [M, N] float32 = x2 @ ((c - z) * s)^T per group, straight from the packed int4 weight
+    (uint8 [N, K/2], low nibble first), scale float32 [N, K/g], zero uint8 [N, K/g] (w4a16 at few
+    tokens, M <= BITS_GEMV_MAX_TOKENS, on a CPU with AVX2 alone); symmetric=True promises every
+    zero point is 8. None where the layout doesn't fit (bits_gemv_decline)."""
+    n, kh = packed.shape
+    k, g = kh * 2, group_size
+    groups = k // g
+    bits = _bits_view(packed, (n, groups, g // 8)) if bits_gemv_decline(k, g) is None else None
+    if bits is None:
+        return None
+    s3, z3 = scale.view(n, groups, 1), (None if symmetric else zero.view(n, groups, 1))
+    _mark_outer_dynamic((bits, (0, 1)), (s3, (0, 1)), *(() if z3 is None else ((z3, (0, 1)),)))
+
+    def gemv(row: Tensor) -> Tensor:
+        xs = _spread(row, 8, _INT4_SHIFTS).view(8, groups, g // 8)
+        _mark_outer_dynamic((xs, (1,)))
+        return _call("int4_gemv_bits", xs, bits, s3, z3)
+
+    return _per_token(x2, n, gemv)
 
 
 def int4_gemv(x2: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:

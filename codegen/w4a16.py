@@ -5,7 +5,8 @@
 
 x [..., K] float; packed uint8 [N, K/2]; scale float32 [N, K/g]; zero uint8 [N, K/g] (8 when
 symmetric). Faces: spec (CPU, here: dequantized one cache-sized tile of rows at a time, or at 1
-token an Inductor GEMV over cached unpacked codes, see below and benchmarks/cpu_spec_notes.md),
+token an Inductor GEMV, over cached unpacked codes or, with AVX2 alone, over the packed codes; see
+below and benchmarks/cpu_spec_notes.md),
 fake, kernel (codegen/triton/weight_only.py, CUDA: a dequantizing GEMM), grad (dx through the
 dequantized weight; weight frozen), onnx (codegen/onnx/w4a16.py: blocked uint4
 DequantizeLinear + MatMul).
@@ -54,11 +55,14 @@ def _tile_rows(m: int, n: int, k: int) -> int:
 # 2 threads, weights in cache): 0.69 ms against 5.83 for the tiled path below and 1.19 for
 # float32. Inductor's GEMV straight on the packed nibbles measured 4.2-5.6 ms (the unpack does not
 # vectorize). Set CPU_GEMV_CACHE = False for the tiled path (0.5 bytes per weight).
-# On a CPU with AVX2 alone (cpu_onednn.int8_gemm_is_fast() False) the tiled path is used: there
-# Inductor's 8-lane loads of uint8 codes are slow, and the GEMV measured 14.3 ms against the tiled
-# path's 7.6 and float32's 3.9 (AMD EPYC, 2 threads, 2026-12-04).
+# On a CPU with AVX2 alone (cpu_onednn.int8_gemm_is_fast() False) Inductor's 8-lane loads of
+# uint8 codes are slow (that GEMV measured 14.3 ms against the tiled path's 7.6 and float32's 3.9,
+# AMD EPYC, 2 threads): there the GEMV is cpu_fused.int4_gemv_bits, which reads the packed weight
+# itself as int32 lanes of 8 codes and caches nothing; a group size under 64 keeps the tiled path.
 CPU_GEMV_CACHE = True
 _unpacked = DerivedCache(lambda packed: quant.unpack_int4(packed).contiguous())
+# whether every zero point is 8 (symmetric weights), once per zero-point buffer
+_all_eight = DerivedCache(lambda zero: bool((zero == 8).all()))
 
 
 def _float32(scale: Tensor) -> Tensor:
@@ -84,17 +88,23 @@ def w4a16_linear_spec(
     ng, gh = k // g, g // 2
     x2 = x.reshape(-1, k).float()
     m = x2.shape[0]
-    if m == 1 and CPU_GEMV_CACHE and cpu_fused.enabled() and cpu_onednn.int8_gemm_is_fast():
-        y = cpu_fused.int4_gemv(x2, _unpacked(packed), _float32(scale), zero, g)
+    y = None
+    if m <= cpu_fused.BITS_GEMV_MAX_TOKENS and cpu_fused.enabled():
+        if cpu_onednn.int8_gemm_is_fast():
+            if m == 1 and CPU_GEMV_CACHE:
+                y = cpu_fused.int4_gemv(x2, _unpacked(packed), _float32(scale), zero, g)
+        else:  # AVX2 alone: straight from the packed codes (None where the group is under 64)
+            y = cpu_fused.int4_gemv_bits(x2, packed, _float32(scale), zero, g, _all_eight(zero))
+    if y is not None:
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
     xp = x2.reshape(m, kh, 2).transpose(1, 2).reshape(m, k)  # [x_even | x_odd]
     sf = _float32(scale)
     # c - z is exact in int8 or float32. Symmetric weights (every zero point 8) subtract an int8
-    # scalar (checking costs one pass over the small zero tensor); otherwise subtract per group, in
+    # scalar (checked once per zero-point buffer); otherwise subtract per group, in
     # int8 when a half-group fills a 64-byte vector (g >= 128), else in float32 after the convert.
-    symmetric = bool((zero == 8).all())
+    symmetric = _all_eight(zero)
     zero_i8 = zero.view(torch.int8) if (not symmetric and gh >= 64) else None
     zf = zero.float() if (not symmetric and zero_i8 is None) else None
     y = torch.empty(m, n)

@@ -80,8 +80,9 @@ def test_every_gemm_formulation_computes_the_spec(plan, m, bias, monkeypatch):
 @pytest.mark.parametrize("m", [1, 64, 300])
 def test_float_plan_without_a_fast_int8_gemm(m, int8_gemm):
     """Where PyTorch has no fast int8 GEMM (x86 with AVX2 alone), every token count takes 'f32': a
-    float32 GEMM over the integer codes against float32 codes cached once per weight. Its products
-    are exact and its sums float32's: on these sizes it gives the int8 plans' result bit for bit,
+    float32 GEMM over the integer codes against float32 codes cached once per weight (at 1 token
+    the bit-mask GEMV over the int8 codes, no cache). Its products are exact and its sums
+    float32's: on these sizes it gives the int8 plans' result bit for bit,
     and it stays within float32 accumulation noise of them in general (2e-7)."""
     torch.manual_seed(m)
     w, x, b = torch.randn(96, 512), torch.randn(m, 512), torch.randn(96)
@@ -94,7 +95,10 @@ def test_float_plan_without_a_fast_int8_gemm(m, int8_gemm):
     assert w8a8._cpu_plan(m, 96, 512) == "f32" and not cpu_onednn.int8_gemm_is_fast()
     got = w8a8.int8_linear_cpu(x, wq, ws, b, torch.float32)
     assert _rel_err(got, want) < 2e-7
-    assert w8a8._float_codes.get(wq) is not None and w8a8._float_codes(wq).dtype == torch.float32
+    if m == 1:  # the bit-mask GEMV reads the int8 codes themselves: no float32 copy is made
+        assert w8a8._float_codes.get(wq) is None
+    else:
+        assert w8a8._float_codes.get(wq) is not None and w8a8._float_codes(wq).dtype == torch.float32
     assert _rel_err(w8a8.int8_gemm_cpu(quant.quantize_per_token(x)[0], wq, ws),
                     torch._int_mm(quant.quantize_per_token(x)[0], wq.t()).float() * ws) < 2e-7  # eager face
 
@@ -480,3 +484,106 @@ def test_w4a16_one_token_gemv_on_cached_codes(symmetric, monkeypatch, int8_gemm)
     monkeypatch.setattr(w4a16, "CPU_GEMV_CACHE", False)
     tiled = w4a16.w4a16_linear(x, packed, s2, z2, 64, b)
     assert _rel_err(tiled, gemv) < 1e-6
+
+
+def _exact_operands(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [1, K] of small integers (zeros included): every product with a code and every partial sum
+    is an integer under 2^24, so float32 computes them exactly in any order and a GEMV must equal
+    the spec bit for bit: a wrong byte, nibble, sign extension or lane order shows."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-8, 9, (1, k), generator=g).float(), torch.randint(0, 1 << 30, (n,), generator=g)
+
+
+@pytest.mark.parametrize("n,k", [(8, 32), (13, 36), (40, 520)])
+def test_int8_bits_gemv_equals_the_spec_bit_for_bit(n, k):
+    """cpu_fused.int8_gemv_bits (w8a16 at 1 token on AVX2 alone) reads int8 codes as int32 lanes:
+    with exact operands it equals the spec exactly, for every code from -128 to 127 and K not a
+    multiple of the vector width; with random floats it equals it to float32 summation order."""
+    from qhl.codegen import w8a16
+
+    x, _ = _exact_operands(n, k, n + k)
+    codes = (torch.arange(n * k) % 256 - 128).to(torch.int8).view(n, k)
+    scale = 2.0 ** torch.randint(-6, 3, (n,)).float()
+    y = cpu_fused.int8_gemv_bits(x, codes, scale)
+    assert torch.equal(y, w8a16._w8a16_linear_generic(x, codes, scale, None))
+    xr, sr = torch.randn(1, k), torch.rand(n) + 0.1
+    ref = (xr.double() @ codes.double().t()) * sr.double()
+    assert _rel_err(cpu_fused.int8_gemv_bits(xr, codes, sr), ref) < 1e-6  # float32 sums of K terms
+
+
+@pytest.mark.parametrize("g", [64, 128, 256])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_int4_bits_gemv_equals_the_spec_bit_for_bit(g, symmetric):
+    """cpu_fused.int4_gemv_bits (w4a16 at 1 token on AVX2 alone) reads the packed weight as int32
+    lanes of 8 codes: exact operands (every code 0-15 in every nibble position, zero points 0-15,
+    power-of-2 scales, some negative as the "grid" preset makes) give the spec's result bit for bit,
+    on the general graph and on the symmetric one."""
+    n, k = 21, 2 * g
+    x, _ = _exact_operands(n, k, g)
+    codes = (torch.arange(n * k) * 7 % 16).to(torch.uint8).view(n, k)
+    packed = quant.pack_int4(codes)
+    zero = torch.full((n, k // g), 8, dtype=torch.uint8) if symmetric else \
+        (torch.arange(n * (k // g)) % 16).to(torch.uint8).view(n, k // g)
+    scale = 2.0 ** torch.randint(-4, 2, (n, k // g)).float() * torch.where(torch.rand(n, k // g) < 0.3, -1.0, 1.0)
+    ref = x @ quant.dequantize_int4_groupwise(packed, scale, zero, g).t()
+    assert torch.equal(cpu_fused.int4_gemv_bits(x, packed, scale, zero, g), ref)
+    if symmetric:  # the graph that subtracts 8 in int32 instead of reading the zero points
+        assert torch.equal(cpu_fused.int4_gemv_bits(x, packed, scale, zero, g, symmetric=True), ref)
+
+
+def test_bits_gemvs_decline_what_their_lanes_cannot_tile():
+    """A group under 64 codes, K off the int32 lanes, or a weight whose bytes are not 4-aligned
+    views returns None (the caller keeps its tiled path), with the reason for the first two."""
+    x = torch.randn(1, 64)
+    packed, scale, zero = quant.quantize_int4_groupwise(torch.randn(8, 64), 32, True, "none")
+    assert "group size 32 is not a multiple of 64" in cpu_fused.bits_gemv_decline(64, 32)
+    assert cpu_fused.int4_gemv_bits(x, packed, scale, zero, 32) is None
+    assert "K=66 is not a multiple of 4" in cpu_fused.bits_gemv_decline(66)
+    assert cpu_fused.int8_gemv_bits(torch.randn(1, 66), torch.zeros(4, 66, dtype=torch.int8), torch.ones(4)) is None
+    offset = torch.zeros(4 * 64 + 1, dtype=torch.int8)[1:].view(4, 64)  # storage offset 1
+    assert cpu_fused.int8_gemv_bits(x, offset, torch.ones(4)) is None
+    assert cpu_fused.bits_gemv_decline(64) is None and cpu_fused.bits_gemv_decline(256, 128) is None
+
+
+def test_bits_gemvs_compile_once_per_inner_length():
+    """Output rows and group counts are dynamic: ten layer shapes with one group size compile one
+    graph (Dynamo's limit is 8 a function; past it, it would run eagerly). A single group would
+    be a second graph (Dynamo specializes sizes of 1), so every shape here has two or more."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for n in range(9, 19):
+        w = torch.randn(n, 128 * (2 + n % 3))
+        packed, scale, zero = quant.quantize_int4_groupwise(w, 128, True, "grid")
+        x = torch.randn(1, w.shape[1])
+        ref = quant.fake_quant_w4a16_linear(x, w, None, 128, True, "grid")
+        assert _rel_err(cpu_fused.int4_gemv_bits(x, packed, scale, zero, 128, symmetric=True), ref) < 1e-6
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("form", ["w8a16", "w4a16", "w8a8"])
+def test_int8_faces_use_the_bits_gemv_at_few_tokens_on_avx2(form, monkeypatch, int8_gemm):
+    """On a CPU with AVX2 alone (mode "float") the weight-only CPU faces and w8a8's 'f32' plan run
+    the bit-mask GEMV once per token up to BITS_GEMV_MAX_TOKENS (4) tokens, and their other path
+    above it, each equal to the fake-quant reference."""
+    from qhl.codegen import w4a16, w8a16
+
+    int8_gemm("float")
+    name = "int4_gemv_bits" if form == "w4a16" else "int8_gemv_bits"
+    calls = []
+    real = getattr(cpu_fused, name)
+    monkeypatch.setattr(cpu_fused, name, lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    w, b = torch.randn(24, 256), torch.randn(24)
+    for tokens in (1, 3, cpu_fused.BITS_GEMV_MAX_TOKENS + 1):
+        x = torch.randn(tokens, 256)
+        if form == "w4a16":
+            p, s, z = quant.quantize_int4_groupwise(w, 64, True, "grid")
+            out, ref = w4a16.w4a16_linear(x, p, s, z, 64, b), quant.fake_quant_w4a16_linear(x, w, b, 64, True, "grid")
+        else:
+            q, s = quant.quantize_int8_per_channel(w)
+            op, fake = (w8a16.w8a16_linear, quant.fake_quant_w8a16_linear) if form == "w8a16" else \
+                (w8a8.w8a8_linear, quant.fake_quant_w8a8_linear)
+            out, ref = op(x, q, s, b), fake(x, w, b)
+        assert out.shape == (tokens, 24) and _rel_err(out, ref) < 1e-6
+    assert calls == [1, 3]
