@@ -46,6 +46,7 @@ def unpack_per_call(fn: Any) -> Any:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--tag", default="", help="appended to the result file name (e.g. the machine: _avx2)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch._dynamo.config.recompile_limit = 64
@@ -65,7 +66,7 @@ def main() -> None:
             rows.append(dict(tokens=tokens, variant=name, **t, vs_eager=base / t["median_ms"], vs_w8a8=w8 / t["median_ms"]))
             log.info("%4d tokens  %-24s %8.2f ms  x%.2f eager  x%.2f w8a8", tokens, name, t["median_ms"],
                      rows[-1]["vs_eager"], rows[-1]["vs_w8a8"])
-    write_results(RESULTS / "w4ax_speed_cpu", dict(machine=machine(), reps=args.reps, rows=rows), markdown)
+    write_results(RESULTS / f"w4ax_speed_cpu{args.tag}", dict(machine=machine(), reps=args.reps, rows=rows), markdown)
 
 
 def markdown(res: dict[str, Any]) -> str:
