@@ -142,10 +142,10 @@ def _int4_gemv_bits(xs: Tensor, w_bits: Tensor, scale: Tensor, zero: Optional[Te
 
 
 # Compiled per shape: the 1-token GEMVs vectorize their reductions only with a static inner length
-# (the group, or K): 0.69 against 0.92 ms on a 4096 x 4096 layer. The bit-mask GEMVs mark their
-# outer dimensions (output rows, groups) dynamic (`_mark_outer_dynamic`), so that the layer shapes
-# of a model share one compiled graph per group size (per K for int8) and stay under Dynamo's
-# recompile limit (8 graphs a function, then it runs eagerly).
+# (the group, or K): 0.69 against 0.92 ms on a 4096 x 4096 layer. Their output rows (and the
+# bit-mask GEMVs' group counts) are marked dynamic (`_mark_outer_dynamic`), so that the layer
+# shapes of a model share one compiled graph per group size and K and stay under Dynamo's
+# recompile limit (8 graphs a function; past it, a new shape would run eagerly).
 _STATIC = ("int4_gemv", "int8_gemv_bits", "int4_gemv_bits")
 _FUNCTIONS = {"prologue": _prologue, "rows": _epilogue_rows, "scaled": _epilogue_scaled, "cols": _epilogue_cols,
               "int4_gemv": _int4_gemv, "int8_gemv_bits": _int8_gemv_bits, "int4_gemv_bits": _int4_gemv_bits}
@@ -309,4 +309,5 @@ def int4_gemv_bits(x2: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, grou
 def int4_gemv(x2: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
     """y [M, N] float32 = x2 @ ((codes - zero) * scale)^T per group, from unpacked uint8 codes [N, K]
     (w4a16 at one token: codegen/w4a16.py)."""
+    _mark_outer_dynamic((codes, (0,)), (scale, (0,)), (zero, (0,)))
     return _call("int4_gemv", x2, codes, scale, zero, group_size)

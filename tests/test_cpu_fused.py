@@ -587,3 +587,22 @@ def test_int8_faces_use_the_bits_gemv_at_few_tokens_on_avx2(form, monkeypatch, i
             out, ref = op(x, q, s, b), fake(x, w, b)
         assert out.shape == (tokens, 24) and _rel_err(out, ref) < 1e-6
     assert calls == [1, 3]
+
+
+def test_cached_code_gemv_compiles_once_per_k_and_group(int8_gemm):
+    """The cached-code w4a16 GEMV (CPUs with a fast int8 GEMM) marks its output rows dynamic:
+    ten output widths with one K and group size compile one graph, each still the spec's result."""
+    from torch._dynamo.utils import counters
+
+    from qhl.codegen import w4a16
+
+    int8_gemm("int8")
+    torch._dynamo.reset()
+    counters.clear()
+    for n in range(9, 19):
+        w, x = torch.randn(n, 256), torch.randn(1, 256)
+        packed, scale, zero = quant.quantize_int4_groupwise(w, 64, True, "grid")
+        out = w4a16.w4a16_linear(x, packed, scale, zero, 64, None)
+        assert _rel_err(out, quant.fake_quant_w4a16_linear(x, w, None, 64, True, "grid")) < 1e-6
+    assert counters["stats"]["unique_graphs"] == 1
+
