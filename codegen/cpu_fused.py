@@ -36,6 +36,7 @@ from torch import Tensor
 
 __all__ = ["enabled", "disable_reason", "per_token_codes", "epilogue_rows", "epilogue_scaled", "epilogue_cols",
            "bits_gemv_decline", "int8_gemv_bits", "int4_gemv_bits", "BITS_GEMV_MAX_TOKENS",
+           "int8_bits_gemv_worthwhile",
            "int4_gemv"]
 
 log = logging.getLogger(__name__)
@@ -258,6 +259,16 @@ def bits_gemv_decline(k: int, group_size: Optional[int] = None) -> Optional[str]
 # threads, 4 x Linear(4096, 4096)), float32 takes 14, 31, 50 and 55 ms at 1, 2, 3 and 4 tokens and
 # ~55 ms at 8, while the int8 GEMV takes ~4.3 ms a token.
 BITS_GEMV_MAX_TOKENS = 4
+# The int8 GEMV only from this many weights up: a call costs ~110-150 us of Dynamo and OpenMP
+# overhead, and below it the float32 paths win (576 x 576 at 1 token: w8a16 263 against 152 us,
+# w8a8 489 against 286; 1536 x 576 about even; 2048 x 2048 404 against 691). w4a16's other path
+# is slower at every size measured, so its GEMV has no floor.
+INT8_BITS_GEMV_MIN_WEIGHTS = 1 << 20
+
+
+def int8_bits_gemv_worthwhile(m: int, n: int, k: int) -> bool:
+    """Whether w8a16 / w8a8 should take int8_gemv_bits for M tokens on an [N, K] weight."""
+    return m <= BITS_GEMV_MAX_TOKENS and n * k >= INT8_BITS_GEMV_MIN_WEIGHTS
 
 
 def _per_token(x2: Tensor, n: int, gemv) -> Tensor:

@@ -42,7 +42,7 @@ def w8a16_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional
         return _w8a16_linear_generic(x, w_int8, w_scale, bias)
     x2 = x.reshape(-1, k).float()
     m = x2.shape[0]
-    if m <= cpu_fused.BITS_GEMV_MAX_TOKENS and cpu_fused.enabled() and not cpu_onednn.int8_gemm_is_fast():
+    if cpu_fused.int8_bits_gemv_worthwhile(m, n, k) and cpu_fused.enabled() and not cpu_onednn.int8_gemm_is_fast():
         # few tokens on a CPU with AVX2 alone: the bit-mask GEMV reads W as int8 (cpu_fused.py).
         y = cpu_fused.int8_gemv_bits(x2, w_int8, w_scale if w_scale.dtype == torch.float32 else w_scale.float())
         if y is not None:

@@ -46,10 +46,10 @@ __all__ = ["w8a8_linear", "w8a8_linear_spec", "w8a8_linear_decomposed", "int8_li
 #               float32 (|q * Wq| <= 127 * 127); the sums are float32's, so the result is the
 #               spec's to float32 accumulation-order rounding instead of bit for bit. There
 #               `_int_mm` measured 3x slower than a float32 matmul at 1 token and ~20x at 64-256.
-#               Up to 4 tokens (cpu_fused.BITS_GEMV_MAX_TOKENS) the f32 plan runs
-#               cpu_fused.int8_gemv_bits instead, a GEMV per token that reads Wq's int8 bytes as
-#               int32 lanes (the same exact products and float32 sums; no float32 copy of the
-#               codes is made for a weight that only ever sees few tokens).
+#               Up to 4 tokens on weights of 2^20+ values (cpu_fused.int8_bits_gemv_worthwhile)
+#               the f32 plan runs cpu_fused.int8_gemv_bits instead, a GEMV per token that reads
+#               Wq's int8 bytes as int32 lanes (the same exact products and float32 sums; no
+#               float32 copy of the codes is made for a weight that only ever sees few tokens).
 # The transposed result is read back inside the fused epilogue (codegen/cpu_fused.py); the eager
 # fallback pays one transpose-copy instead.
 _ROWWISE_MAX_M = 4
@@ -98,7 +98,7 @@ def int8_linear_cpu(
     elif plan == "u8":
         codes = codes.view(torch.uint8) ^ 0x80  # q + 128 for q in [-127, 127]
     if plan == "f32":  # exact products, float32 sums
-        if codes.shape[0] <= cpu_fused.BITS_GEMV_MAX_TOKENS:  # the bit-mask GEMV reads Wq as int8
+        if cpu_fused.int8_bits_gemv_worthwhile(codes.shape[0], *w_int8.shape):  # the GEMV reads Wq as int8
             y = cpu_fused.int8_gemv_bits(codes.float(), w_int8, ws)
             if y is not None:
                 return cpu_fused.epilogue_scaled(y, xs, bias, out_dtype)

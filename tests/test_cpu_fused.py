@@ -80,9 +80,9 @@ def test_every_gemm_formulation_computes_the_spec(plan, m, bias, monkeypatch):
 @pytest.mark.parametrize("m", [1, 64, 300])
 def test_float_plan_without_a_fast_int8_gemm(m, int8_gemm):
     """Where PyTorch has no fast int8 GEMM (x86 with AVX2 alone), every token count takes 'f32': a
-    float32 GEMM over the integer codes against float32 codes cached once per weight (at 1 token
-    the bit-mask GEMV over the int8 codes, no cache). Its products are exact and its sums
-    float32's: on these sizes it gives the int8 plans' result bit for bit,
+    float32 GEMM over the integer codes against float32 codes cached once per weight (on large
+    weights at 1-4 tokens the bit-mask GEMV instead, tested below). Its products are exact and its
+    sums float32's: on these sizes it gives the int8 plans' result bit for bit,
     and it stays within float32 accumulation noise of them in general (2e-7)."""
     torch.manual_seed(m)
     w, x, b = torch.randn(96, 512), torch.randn(m, 512), torch.randn(96)
@@ -95,10 +95,8 @@ def test_float_plan_without_a_fast_int8_gemm(m, int8_gemm):
     assert w8a8._cpu_plan(m, 96, 512) == "f32" and not cpu_onednn.int8_gemm_is_fast()
     got = w8a8.int8_linear_cpu(x, wq, ws, b, torch.float32)
     assert _rel_err(got, want) < 2e-7
-    if m == 1:  # the bit-mask GEMV reads the int8 codes themselves: no float32 copy is made
-        assert w8a8._float_codes.get(wq) is None
-    else:
-        assert w8a8._float_codes.get(wq) is not None and w8a8._float_codes(wq).dtype == torch.float32
+    # (a weight this small takes the float32 GEMM at 1 token too: int8_bits_gemv_worthwhile)
+    assert w8a8._float_codes.get(wq) is not None and w8a8._float_codes(wq).dtype == torch.float32
     assert _rel_err(w8a8.int8_gemm_cpu(quant.quantize_per_token(x)[0], wq, ws),
                     torch._int_mm(quant.quantize_per_token(x)[0], wq.t()).float() * ws) < 2e-7  # eager face
 
@@ -566,10 +564,12 @@ def test_bits_gemvs_compile_once_per_inner_length():
 def test_int8_faces_use_the_bits_gemv_at_few_tokens_on_avx2(form, monkeypatch, int8_gemm):
     """On a CPU with AVX2 alone (mode "float") the weight-only CPU faces and w8a8's 'f32' plan run
     the bit-mask GEMV once per token up to BITS_GEMV_MAX_TOKENS (4) tokens, and their other path
-    above it, each equal to the fake-quant reference."""
+    above it, each equal to the fake-quant reference. The int8 ones take it only on weights of
+    INT8_BITS_GEMV_MIN_WEIGHTS values or more."""
     from qhl.codegen import w4a16, w8a16
 
     int8_gemm("float")
+    monkeypatch.setattr(cpu_fused, "INT8_BITS_GEMV_MIN_WEIGHTS", 24 * 256)  # these 24 x 256 weights
     name = "int4_gemv_bits" if form == "w4a16" else "int8_gemv_bits"
     calls = []
     real = getattr(cpu_fused, name)
@@ -587,6 +587,12 @@ def test_int8_faces_use_the_bits_gemv_at_few_tokens_on_avx2(form, monkeypatch, i
             out, ref = op(x, q, s, b), fake(x, w, b)
         assert out.shape == (tokens, 24) and _rel_err(out, ref) < 1e-6
     assert calls == [1, 3]
+    if form != "w4a16":  # a smaller int8 weight keeps the float32 path (the GEMV's call costs more)
+        monkeypatch.setattr(cpu_fused, "INT8_BITS_GEMV_MIN_WEIGHTS", 24 * 256 + 1)
+        assert not cpu_fused.int8_bits_gemv_worthwhile(1, 24, 256)
+        q, s = quant.quantize_int8_per_channel(w)
+        (w8a16.w8a16_linear if form == "w8a16" else w8a8.w8a8_linear)(torch.randn(1, 256), q, s, b)
+        assert calls == [1, 3]
 
 
 def test_cached_code_gemv_compiles_once_per_k_and_group(int8_gemm):

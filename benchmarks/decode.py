@@ -1,0 +1,118 @@
+"""Greedy decoding speed of SmolLM2-135M on CPU: eager float32 against `torch.compile(backend="qhl")`.
+
+Prefill 32 tokens of the offline news corpus into a transformers DynamicCache, then time single-token
+decode steps (the model called with one new token and the cache), eager and compiled alternately
+step by step (round-robin, each on its own cache), median over --steps after --warmup steps.
+This is where a decoder spends its time at batch 1: every Linear runs at one token. It also
+reports the first-call compile time (prefill and the first decode steps each compile: a new cache
+length is a new shape until Dynamo marks it dynamic) and how many greedy tokens match eager's.
+Writes benchmarks/results/decode_cpu{--tag}.{json,md}.
+
+    .venv/bin/python benchmarks/decode.py [--recipes w8a8 w8a16] [--steps 24] [--tag _avx2]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import statistics
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+import qhl
+from bench_env import machine, write_results
+
+log = logging.getLogger("decode")
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+PREFILL = 32
+
+
+class Decoder:
+    """One greedy decode stream: call step() for the next token's logits and its time."""
+
+    def __init__(self, fn: Any, ids: torch.Tensor):
+        from transformers import DynamicCache
+
+        out = fn(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        self.fn, self.cache = fn, out.past_key_values
+        self.next = out.logits[:, -1:].argmax(-1)
+        self.tokens: list[int] = []
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        out = self.fn(input_ids=self.next, past_key_values=self.cache, use_cache=True)
+        dt = time.perf_counter() - t0
+        self.cache, self.next = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        self.tokens.append(int(self.next))
+        return dt
+
+
+def run_recipe(model: Any, ids: torch.Tensor, recipe: str, steps: int, warmup: int) -> dict[str, Any]:
+    torch._dynamo.reset()
+    be = qhl.backend(recipe)
+    compiled = torch.compile(model, backend=be)
+    t0 = time.perf_counter()
+    qhl_dec = Decoder(compiled, ids)
+    for _ in range(warmup):
+        qhl_dec.step()
+    compile_s = time.perf_counter() - t0
+    log.info("%s: prefill + %d warmup steps (compiles included) %.0f s", recipe, warmup, compile_s)
+    eager_dec = Decoder(model, ids)
+    for _ in range(warmup):
+        eager_dec.step()
+    times: dict[str, list[float]] = {"eager": [], "qhl": []}
+    for i in range(steps):
+        order = (("eager", eager_dec), ("qhl", qhl_dec)) if i % 2 == 0 else (("qhl", qhl_dec), ("eager", eager_dec))
+        for name, dec in order:
+            times[name].append(dec.step())
+    eager_ms = statistics.median(times["eager"]) * 1e3
+    qhl_ms = statistics.median(times["qhl"]) * 1e3
+    same = sum(a == b for a, b in zip(eager_dec.tokens, qhl_dec.tokens))
+    first_diff = next((i for i, (a, b) in enumerate(zip(eager_dec.tokens, qhl_dec.tokens)) if a != b), None)
+    log.info("%s: decode step %.1f ms vs eager %.1f ms (%.2fx); greedy tokens equal %d/%d", recipe, qhl_ms,
+             eager_ms, eager_ms / qhl_ms, same, len(eager_dec.tokens))
+    return dict(recipe=recipe, eager_ms=eager_ms, qhl_ms=qhl_ms, speedup=eager_ms / qhl_ms, compile_s=compile_s,
+                tokens_equal=same, tokens=len(eager_dec.tokens), first_difference=first_diff,
+                graphs=len(be.graphs), codegen=sorted({g.codegen for g in be.graphs}))
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["# SmolLM2-135M greedy decode on CPU, batch 1", "", f"Machine: {res['machine']}", "",
+             f"Prefill {PREFILL} tokens, then {res['steps']} timed decode steps after {res['warmup']} warmup steps, "
+             "eager and qhl alternating step by step; medians.", "",
+             "| recipe | qhl ms / step | eager fp32 ms / step | qhl vs eager | first call + warmup (s) | "
+             "greedy tokens equal to eager | graphs (codegen) |", "|---|---:|---:|---:|---:|---:|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['recipe']} | {r['qhl_ms']:.1f} | {r['eager_ms']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['compile_s']:.0f} | {r['tokens_equal']}/{r['tokens']} (first difference at "
+                     f"{r['first_difference']}) | {r['graphs']} ({', '.join(r['codegen'])}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", nargs="+", default=["w8a8", "w8a16"])
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--warmup", type=int, default=6)
+    ap.add_argument("--tag", default="", help="appended to the result file name (e.g. the machine: _avx2)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from qhl.models import load_smollm2, news_corpus_tokens
+
+    model, tok = load_smollm2()
+    ids = news_corpus_tokens(tok, 1, PREFILL)
+    rows = []
+    with torch.no_grad():
+        for recipe in args.recipes:
+            rows.append(run_recipe(model, ids, recipe, args.steps, args.warmup))
+    res = dict(machine=machine("transformers"), steps=args.steps, warmup=args.warmup, rows=rows)
+    write_results(RESULTS / f"decode_cpu{args.tag}", res, markdown)
+
+
+if __name__ == "__main__":
+    main()
