@@ -234,15 +234,16 @@ def _bits_view(w: Tensor, lanes_shape: tuple[int, ...]) -> Optional[Tensor]:
     return w.view(torch.float32).view(lanes_shape)
 
 
-_INT8_SHIFTS = (1.0, 2.0**-8, 2.0**-16, 2.0**-24)
-_INT4_SHIFTS = tuple(2.0 ** (-4 * j) for j in range(7)) + (2.0**-24,)
+# x's scale per code position in a lane, as [codes per lane, 1] float32 (made once, not per call)
+_INT8_SHIFTS = torch.tensor([1.0, 2.0**-8, 2.0**-16, 2.0**-24])[:, None]
+_INT4_SHIFTS = torch.tensor([2.0 ** (-4 * j) for j in range(7)] + [2.0**-24])[:, None]
 
 
-def _spread(x: Tensor, per_lane: int, shifts: tuple[float, ...]) -> Tensor:
+def _spread(x: Tensor, per_lane: int, shifts: Tensor) -> Tensor:
     """xs [per_lane, K / per_lane] with xs[j, l] = x[per_lane * l + j] * shifts[j] (exact: powers of 2)."""
     k = x.shape[-1]
     xs = torch.empty(per_lane, k // per_lane)
-    torch.mul(x.reshape(k // per_lane, per_lane).t(), x.new_tensor(shifts)[:, None], out=xs)
+    torch.mul(x.reshape(k // per_lane, per_lane).t(), shifts, out=xs)
     return xs
 
 

@@ -42,9 +42,10 @@ def w8a16_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional
         return _w8a16_linear_generic(x, w_int8, w_scale, bias)
     x2 = x.reshape(-1, k).float()
     m = x2.shape[0]
+    ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
     if cpu_fused.int8_bits_gemv_worthwhile(m, n, k) and cpu_fused.enabled() and not cpu_onednn.int8_gemm_is_fast():
         # few tokens on a CPU with AVX2 alone: the bit-mask GEMV reads W as int8 (cpu_fused.py).
-        y = cpu_fused.int8_gemv_bits(x2, w_int8, w_scale if w_scale.dtype == torch.float32 else w_scale.float())
+        y = cpu_fused.int8_gemv_bits(x2, w_int8, ws)
         if y is not None:
             if bias is not None:
                 y = y + bias.float()
@@ -56,7 +57,6 @@ def w8a16_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional
         r = min(rows, n - n0)
         t = tile[:r].copy_(w_int8[n0 : n0 + r])  # int8 -> float32, exact
         torch.mm(x2, t.t(), out=y[:, n0 : n0 + r])
-    ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
     if bias is not None:
         y = torch.addcmul(bias.float(), y, ws, out=y)
     else:
