@@ -36,7 +36,7 @@ from torch import Tensor
 
 __all__ = ["enabled", "disable_reason", "per_token_codes", "epilogue_rows", "epilogue_scaled", "epilogue_cols",
            "bits_gemv_decline", "int8_gemv_bits", "int4_gemv_bits", "BITS_GEMV_MAX_TOKENS",
-           "int8_bits_gemv_worthwhile",
+           "int8_bits_gemv_worthwhile", "int8_bits_dot_graph", "int4_bits_dot_graph",
            "int4_gemv"]
 
 log = logging.getLogger(__name__)
@@ -97,37 +97,43 @@ def _int4_gemv(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, group_size
 # 2.13), a store-forwarding stall on every load: its GEMV over int8 codes ran at 11.9 ms a
 # 4096 x 4096 layer against float32's 3.1. A float32 vector load has the fast path, so these
 # functions take the weight's bytes viewed as float32 and reinterpret them as int32 inside the
-# loop (a register bitcast). Each int32 lane holds 4 int8 codes (or 8 int4 codes); code j of a
-# lane is masked out in place, w & (0xFF << 8j), which is q * 2^(8j) exactly; the float32
-# conversion of that is exact too (at most 8 significant bits), and it meets x[k] * 2^(-8j)
-# (scaled once per call, exact unless |x| < 2^-102), so every product q * x rounds as the spec's
-# does. int8 codes are sign-extended with ((w & m) ^ s) - s (s the code's sign bit); int4 codes
-# are unsigned, and (c - z) * 2^(4j) = float(w & m) - z * 2^(4j) exactly. The top nibble is
+# loop (a register bitcast). Each int32 lane holds 4 int8 codes (or 8 int4 codes).
+# int8: code j is shifted to the top byte and the rest masked off, (w << (24 - 8j)) & 0xFF000000,
+# which is q * 2^24 exactly, sign included (two's complement puts the code's sign in bit 31); its
+# float32 conversion is exact (at most 8 significant bits), and it meets x[k] * 2^-24 (scaled once
+# per call, exact unless |x| < 2^-102), so every product q * x rounds as the spec's does. (Shifting
+# rather than masking in place and sign-extending with ((w & m) ^ s) - s is the same speed and
+# fewer ops, which Inductor compiles faster in a whole-model graph.)
+# int4: codes are unsigned, code j is masked in place, w & (0xF << 4j), and
+# (c - z) * 2^(4j) = float(w & m) - z * 2^(4j) exactly, meeting x[k] * 2^(-4j). The top nibble is
 # shifted down first ((w >> 4) & 0x0F000000), so that no mask reaches the int32 sign bit.
 
 
-def _int8_gemv_bits(xs: Tensor, w_bits: Tensor, w_scale: Tensor) -> Tensor:
-    # xs [4, K/4]: xs[j, l] = x[4l + j] * 2^(-8j); w_bits [N, K/4]: the int8 weight's bytes as
-    # float32. y[0, n] = s_w[n] * sum_k x[k] * q[n, k].
+def _int8_bits_dot(xs: Tensor, w_bits: Tensor) -> Tensor:
+    # xs [..., 4, K/4]: xs[..., j, l] = x[..., 4l + j] * 2^-24; w_bits [N, K/4]: the int8
+    # weight's bytes as float32. Returns [..., N] = sum_k x[..., k] * q[n, k].
     w = w_bits.view(torch.int32)
     acc = None
     for j in range(4):
-        if j == 3:
-            q = w & -(1 << 24)  # the top byte, already signed
-        else:
-            sign = 0x80 << (8 * j)
-            q = ((w & (0xFF << (8 * j))) ^ sign) - sign
-        term = q.float() * xs[j]
+        top = w if j == 3 else w << (24 - 8 * j)
+        q = top & -(1 << 24)
+        term = q.float() * xs[..., j, None, :]
         acc = term if acc is None else acc + term
-    return (acc.sum(-1) * w_scale)[None]
+    return acc.sum(-1)
 
 
-def _int4_gemv_bits(xs: Tensor, w_bits: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
-    # xs [8, G, g/8]: xs[j, G, l] = x[G*g + 8l + j] * 2^(-4j) (2^-24 for j = 7); w_bits [N, G, g/8]:
-    # the packed uint8 weight (two codes a byte, low nibble first) as float32; scale [N, G, 1]
-    # float32, zero [N, G, 1] uint8, or None when every zero point is 8 (symmetric: subtracting the
-    # constant 8 * 2^(4j) instead of reading z is ~10% faster; as an int32 subtraction, Inductor split
-    # the loop in two and it ran 2x slower). y[0, n] = sum_G s[n, G] * sum_{k in G} x[k] * (c[n, k] - z[n, G]).
+def _int8_gemv_bits(xs: Tensor, w_bits: Tensor, w_scale: Tensor) -> Tensor:
+    # xs [4, K/4] (one token); y[0, n] = s_w[n] * sum_k x[k] * q[n, k].
+    return (_int8_bits_dot(xs, w_bits) * w_scale)[None]
+
+
+def _int4_bits_dot(xs: Tensor, w_bits: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
+    # xs [..., 8, G, g/8]: xs[..., j, G, l] = x[..., G*g + 8l + j] * 2^(-4j) (2^-24 for j = 7);
+    # w_bits [N, G, g/8]: the packed uint8 weight (two codes a byte, low nibble first) as float32;
+    # scale [N, G, 1] float32, zero [N, G, 1] uint8, or None when every zero point is 8 (symmetric:
+    # subtracting the constant 8 * 2^(4j) instead of reading z is ~10% faster; as an int32
+    # subtraction, Inductor split the loop in two and it ran 2x slower).
+    # Returns [..., N] = sum_G s[n, G] * sum_{k in G} x[..., k] * (c[n, k] - z[n, G]).
     w = w_bits.view(torch.int32)
     z = None if zero is None else zero.float()
     acc = None
@@ -138,9 +144,14 @@ def _int4_gemv_bits(xs: Tensor, w_bits: Tensor, scale: Tensor, zero: Optional[Te
             centered = c.float() - float(8 << shift)
         else:
             centered = c.float() - z * float(1 << shift)
-        term = centered * xs[j]
+        term = centered * xs[..., j, None, :, :]
         acc = term if acc is None else acc + term
-    return (acc.sum(-1, keepdim=True) * scale).sum(-1).sum(-1)[None]
+    return (acc.sum(-1, keepdim=True) * scale).sum(-1).sum(-1)
+
+
+def _int4_gemv_bits(xs: Tensor, w_bits: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
+    # xs [8, G, g/8] (one token)
+    return _int4_bits_dot(xs, w_bits, scale, zero)[None]
 
 
 # Compiled per shape: the 1-token GEMVs vectorize their reductions only with a static inner length
@@ -229,14 +240,16 @@ def _mark_outer_dynamic(*marks: tuple[Tensor, tuple[int, ...]]) -> None:
 
 def _bits_view(w: Tensor, lanes_shape: tuple[int, ...]) -> Optional[Tensor]:
     """w's bytes as float32 of shape lanes_shape, or None where they can't be viewed so."""
-    if not w.is_contiguous() or w.storage_offset() % 4 or (w.shape[-1] * w.element_size()) % 4:
+    if not _viewable(w):
         return None
     return w.view(torch.float32).view(lanes_shape)
 
 
 # x's scale per code position in a lane, as [codes per lane, 1] float32 (made once, not per call)
-_INT8_SHIFTS = torch.tensor([1.0, 2.0**-8, 2.0**-16, 2.0**-24])[:, None]
-_INT4_SHIFTS = torch.tensor([2.0 ** (-4 * j) for j in range(7)] + [2.0**-24])[:, None]
+_INT8_SHIFT_VALUES = (2.0**-24,) * 4
+_INT4_SHIFT_VALUES = tuple(2.0 ** (-4 * j) for j in range(7)) + (2.0**-24,)
+_INT8_SHIFTS = torch.tensor(_INT8_SHIFT_VALUES)[:, None]
+_INT4_SHIFTS = torch.tensor(_INT4_SHIFT_VALUES)[:, None]
 
 
 def _spread(x: Tensor, per_lane: int, shifts: Tensor) -> Tensor:
@@ -317,6 +330,59 @@ def int4_gemv_bits(x2: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, grou
         return _call("int4_gemv_bits", xs, bits, s3, z3)
 
     return _per_token(x2, n, gemv)
+
+
+# The same bit-mask GEMVs inside Inductor's whole-graph CPU codegen (runtime/inductor_cpu.py: the
+# w8a16, w8a8 and w4a16 decompositions, at a static 1-4 tokens where the CPU has AVX2 alone). There
+# no compiled-helper call costs ~110-150 us of Dynamo and OpenMP overhead, which is what made a
+# small layer's decode step slower than float32. x's spread lanes are forced into a contiguous
+# buffer: left inline, the reduction reads them with stride 4 (or 8), and Inductor then vectorizes
+# over the output rows with 8 x 8 transposes of the weight instead (2.5-4x slower, measured).
+def _spread_graph(x2: Tensor, per_lane: int, lead: tuple[int, ...]) -> Tensor:
+    """xs [M, per_lane, *lead, L] (M, K = x2.shape; L = K / per_lane / prod(lead)) with
+    xs[m, j, ..., l] = x2[m, per_lane * (flat lead, l) + j] * shift_j, realized contiguous; shift_j
+    is 2^-24 for int8 codes and 2^(-4j) for int4 (2^-24 for j = 7), as in the dot products above."""
+    import torch._inductor.inductor_prims  # noqa: F401 - registers prims.inductor_force_stride_order
+
+    m, k = x2.shape
+    x3 = x2.reshape(m, *lead, -1, per_lane)
+    if per_lane == 4:
+        xs = x3.movedim(-1, 1) * _INT8_SHIFT_VALUES[0]
+    else:
+        xs = torch.stack([x3[..., j] * _INT4_SHIFT_VALUES[j] for j in range(per_lane)], dim=1)
+    strides = [1]
+    for size in reversed(xs.shape[1:]):
+        strides.insert(0, strides[0] * size)
+    return torch.ops.prims.inductor_force_stride_order(xs, strides)
+
+
+def int8_bits_dot_graph(x2: Tensor, w_int8: Tensor) -> Optional[Tensor]:
+    """[M, N] float32 = x2 @ Wq^T in aten ops for Inductor's graph (x2 [M, K] float32, M a small
+    static count; Wq int8 [N, K]); None where Wq's bytes can't be viewed as int32 lanes."""
+    n, k = w_int8.shape
+    if bits_gemv_decline(k) is not None or not _viewable(w_int8):
+        return None
+    return _int8_bits_dot(_spread_graph(x2, 4, ()), w_int8.view(torch.float32))
+
+
+def int4_bits_dot_graph(x2: Tensor, packed: Tensor, scale: Tensor, zero: Optional[Tensor],
+                        group_size: int) -> Optional[Tensor]:
+    """[M, N] float32 = x2 @ ((c - z) * s)^T per group, in aten ops for Inductor's graph (the
+    arguments as int4_gemv_bits's; zero None when every zero point is 8); None where the layout
+    doesn't fit (bits_gemv_decline)."""
+    n, kh = packed.shape
+    k, g = kh * 2, group_size
+    if bits_gemv_decline(k, g) is not None or not _viewable(packed):
+        return None
+    groups = k // g
+    xs = _spread_graph(x2, 8, (groups,))
+    w_bits = packed.view(torch.float32).view(n, groups, g // 8)
+    z3 = None if zero is None else zero.view(n, groups, 1)
+    return _int4_bits_dot(xs, w_bits, scale.view(n, groups, 1), z3)
+
+
+def _viewable(w: Tensor) -> bool:
+    return w.is_contiguous() and w.storage_offset() % 4 == 0 and (w.shape[-1] * w.element_size()) % 4 == 0
 
 
 def int4_gemv(x2: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:

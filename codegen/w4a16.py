@@ -21,7 +21,7 @@ from torch import Tensor
 from qhl.codegen import cpu_fused, cpu_onednn, quant
 from qhl.runtime.packed import DerivedCache
 
-__all__ = ["w4a16_linear", "w4a16_linear_spec"]
+__all__ = ["w4a16_linear", "w4a16_linear_spec", "w4a16_linear_decomposed"]
 
 
 # CPU: dequantize a tile of weight rows at a time into a reused float32 buffer that stays in cache
@@ -129,6 +129,33 @@ def w4a16_linear_spec(
         torch.mm(xp, t.view(r, k).t(), out=y[:, n0 : n0 + r])
     if bias is not None:
         y.add_(bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def w4a16_linear_decomposed(
+    x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Optional[Tensor]
+):
+    """The spec in aten ops for Inductor's whole-graph CPU codegen (runtime/inductor_cpu.py), on a
+    CPU with AVX2 alone at a static 1-4 tokens: the bit-mask GEMV over the packed codes
+    (cpu_fused.int4_bits_dot_graph; the CPU face's GEMV, less its per-call overhead). It reads the
+    zero points even for symmetric weights: the values are not known while the graph is traced.
+    Everything else declines with NotImplemented and keeps the CPU face: other token counts, group
+    sizes under 64, and CPUs with a fast int8 GEMM (whose 1-token GEMV reads codes cached per weight)."""
+    n, kh = packed.shape
+    k = kh * 2
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if x.device.type != "cpu" or cpu_onednn.int8_gemm_is_fast() or not isinstance(m, int):
+        return NotImplemented
+    if not 1 <= m <= cpu_fused.BITS_GEMV_MAX_TOKENS or packed.dtype != torch.uint8 or zero.dtype != torch.uint8:
+        return NotImplemented
+    if k % group_size or scale.shape != (n, k // group_size) or zero.shape != (n, k // group_size):
+        return NotImplemented
+    y = cpu_fused.int4_bits_dot_graph(x2.float(), packed, scale.float().contiguous(), zero.contiguous(), group_size)
+    if y is None:
+        return NotImplemented
+    if bias is not None:
+        y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

@@ -65,21 +65,33 @@ def w8a16_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional
 
 
 def w8a16_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]):
-    """The spec in aten ops for Inductor's CPU codegen (runtime/inductor_cpu.py), at 1 token: a
-    GEMV whose int8 -> float32 conversion happens inside the reduction loop, so W is read once, as
-    int8 (the CPU face writes and re-reads float32 tiles of it). Measured on one 4096 x 4096 layer
-    with its weights in cache (AMX Xeon, 2 threads): 0.74 ms against the CPU face's 2.34 and
-    float32's 1.19; at 2 tokens it no longer beats float32, so other token counts (and dynamic
-    ones) decline with NotImplemented and keep the CPU face. So does a CPU with AVX2 alone
-    (cpu_onednn.int8_gemm_is_fast() False): there the GEMV's 8-lane int8 loads are slow, 11.9 ms
-    a layer against the CPU face's 3.5 and float32's 3.1 (AMD EPYC, 2 threads, 2026-12-04)."""
+    """The spec in aten ops for Inductor's CPU codegen (runtime/inductor_cpu.py), at a static
+    token count the GEMV formulations win at; other token counts (and dynamic ones) decline with
+    NotImplemented and keep the CPU face.
+
+    With a fast int8 GEMM (AVX-512/VNNI/AMX), 1 token: a GEMV whose int8 -> float32 conversion
+    happens inside the reduction loop, so W is read once, as int8 (the CPU face writes and re-reads
+    float32 tiles of it). Measured on one 4096 x 4096 layer with its weights in cache (AMX Xeon, 2
+    threads): 0.74 ms against the CPU face's 2.34 and float32's 1.19; at 2 tokens it no longer
+    beats float32.
+    With AVX2 alone, 1-4 tokens: the bit-mask GEMV (cpu_fused.int8_bits_dot_graph; there the plain
+    GEMV's int8 loads are slow, 11.9 ms a 4096 x 4096 layer against float32's 3.1)."""
     n, k = w_int8.shape
     x2 = x.reshape(-1, k)
-    if x.device.type != "cpu" or not isinstance(x2.shape[0], int) or x2.shape[0] != 1:
+    m = x2.shape[0]
+    if x.device.type != "cpu" or not isinstance(m, int):
         return NotImplemented
     if not cpu_onednn.int8_gemm_is_fast():
+        if not 1 <= m <= cpu_fused.BITS_GEMV_MAX_TOKENS:
+            return NotImplemented
+        acc = cpu_fused.int8_bits_dot_graph(x2.float(), w_int8)
+        if acc is None:
+            return NotImplemented
+        y = acc * w_scale.float()
+    elif m != 1:
         return NotImplemented
-    y = (x2.float()[:, None, :] * w_int8.float()).sum(-1) * w_scale
+    else:
+        y = (x2.float()[:, None, :] * w_int8.float()).sum(-1) * w_scale
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

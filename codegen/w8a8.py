@@ -198,11 +198,13 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
     transposed GEMM. Returns NotImplemented (the op stays an opaque call to its CPU face) off the
     CPU, and for the token counts whose best formulation needs a per-weight cache (the u8
     compensation, or the float32 codes where the CPU has no fast int8 GEMM) or a per-token loop."""
-    if x.device.type != "cpu" or not cpu_onednn.int8_gemm_is_fast():
-        return NotImplemented  # no fast int8 GEMM here: the CPU face's 'f32' plan caches float codes
+    if x.device.type != "cpu":
+        return NotImplemented
     n, k = w_int8.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    if not cpu_onednn.int8_gemm_is_fast():
+        return _decomposed_bits(x, x2, w_int8, w_scale, bias)
     if isinstance(m, int):
         plan = _cpu_plan(m, n, k)
     else:  # a dynamic token count: the op chooses per call
@@ -211,10 +213,8 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
         plan = "s8"  # many tokens without AMX: u8 needs the cached compensation; s8's GEMM is ~4% slower
     if plan not in ("onednn", "cols", "s8"):
         return NotImplemented  # 1 token with AMX (u8), or a few without (one GEMV per token)
-    xf = x2.float()
-    xs = xf.abs().amax(dim=-1, keepdim=True) / quant.INT8_QMAX
-    xs = torch.where(xs > 0, xs, torch.ones_like(xs))
-    q = torch.round(xf / xs).clamp(-quant.INT8_QMAX, quant.INT8_QMAX).to(torch.int8)
+    codes, xs = _per_token_codes(x2)
+    q = codes.to(torch.int8)
     if plan == "onednn":
         y = torch.ops.qhl.int8_mm_scaled.default(q, w_int8, w_scale.float()) * xs  # acc * s_w, row-major
     else:
@@ -226,6 +226,32 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).contiguous().reshape(*x.shape[:-1], n)
+
+
+def _per_token_codes(x2: Tensor) -> tuple[Tensor, Tensor]:
+    """quant.quantize_per_token in aten ops: (the codes as float32 [M, K], the scales [M, 1])."""
+    xf = x2.float()
+    xs = xf.abs().amax(dim=-1, keepdim=True) / quant.INT8_QMAX
+    xs = torch.where(xs > 0, xs, torch.ones_like(xs))
+    return torch.round(xf / xs).clamp(-quant.INT8_QMAX, quant.INT8_QMAX), xs
+
+
+def _decomposed_bits(x: Tensor, x2: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]):
+    """The 'f32' plan at a static 1-4 tokens in aten ops (a CPU with AVX2 alone): the per-token
+    prologue, the bit-mask GEMV over the codes (cpu_fused.int8_bits_dot_graph: exact products,
+    float32 sums, as the CPU face's) and the epilogue in one Inductor graph. Other token counts
+    decline: their 'f32' plan reads the weight's float32 codes, cached per weight by the CPU face."""
+    m, n = x2.shape[0], w_int8.shape[0]
+    if not isinstance(m, int) or not 1 <= m <= cpu_fused.BITS_GEMV_MAX_TOKENS:
+        return NotImplemented
+    codes, xs = _per_token_codes(x2)
+    acc = cpu_fused.int8_bits_dot_graph(codes, w_int8)
+    if acc is None:
+        return NotImplemented
+    y = (acc * w_scale.float()) * xs
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def _w8a8_linear_generic(

@@ -430,10 +430,10 @@ def test_unknown_cpu_codegen_is_a_recipe_error():
 @pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("mode", ["int8", "float"])
 def test_w8a16_is_lowered_to_a_gemv_at_one_token_only(tokens, mode, int8_gemm):
-    """w8a16 at 1 token becomes Inductor's int8 GEMV (no qhl::w8a16_linear call in the compiled
-    code); at 2 tokens its decomposition declines and the op stays a call to its CPU face, as it
-    does at any token count on a CPU with AVX2 alone (mode "float", where that GEMV is slow). All
-    equal the op-by-op graph to float32 rounding."""
+    """With a fast int8 GEMM (mode "int8"), w8a16 at 1 token becomes Inductor's int8 GEMV (no
+    qhl::w8a16_linear call in the compiled code); at 2 tokens its decomposition declines and the op
+    stays a call to its CPU face. With AVX2 alone (mode "float") both token counts become the
+    bit-mask GEMV (the next test covers it). All equal the op-by-op graph to float32 rounding."""
     from torch._inductor.utils import run_and_get_code
 
     int8_gemm(mode)
@@ -448,8 +448,57 @@ def test_w8a16_is_lowered_to_a_gemv_at_one_token_only(tokens, mode, int8_gemm):
         out, codes = run_and_get_code(torch.compile(model, backend=be), x)
     assert be.graphs[0].codegen == "inductor"
     calls = "\n".join(codes).count("torch.ops.qhl.w8a16_linear.default(")
-    assert calls == (0 if tokens == 1 and mode == "int8" else 3)
+    assert calls == (3 if tokens == 2 and mode == "int8" else 0)
     assert _rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["w8a8", "w8a16", "w4a16"])
+def test_avx2_few_token_layers_are_lowered_into_the_inductor_graph(form, int8_gemm):
+    """On a CPU with AVX2 alone (mode "float"), at a static 1-4 tokens, each form's decomposition
+    puts the bit-mask GEMV into Inductor's graph: no qhl op call is left in the compiled code (each
+    such call cost ~250-500 us of dispatch and Dynamo overhead, which made SmolLM2's decode slower
+    than eager), and the result is the op-by-op graph's to float32 rounding. At 5 tokens, and for
+    w4a16 with a group of 32, the op stays a call to its CPU face."""
+    from torch._inductor.utils import run_and_get_code
+
+    int8_gemm("float")
+    model = _stack(256, 2)
+    for tokens, group in ((1, 64), (3, 64), (5, 64), (1, 32)):
+        if group == 32 and form != "w4a16":
+            continue
+        knobs = {"group_size": group} if form == "w4a16" else {}
+        x = torch.randn(tokens, 256)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            ref = torch.compile(model, backend=qhl.backend(form, cpu_codegen="spec", **knobs), dynamic=False)(x)
+        torch._dynamo.reset()
+        be = qhl.backend(form, **knobs)
+        with torch.no_grad():
+            out, codes = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
+        assert [g.codegen for g in be.graphs] == ["inductor"]
+        calls = "\n".join(codes).count(f"torch.ops.qhl.{form}_linear.default(")
+        assert calls == (0 if tokens <= cpu_fused.BITS_GEMV_MAX_TOKENS and group == 64 else 2), (tokens, group)
+        assert _rel_err(out, ref) < 1e-5, (tokens, group)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_in_graph_bits_formulations_equal_the_spec_bit_for_bit(m):
+    """The aten forms the decompositions emit (cpu_fused.int8_bits_dot_graph, int4_bits_dot_graph;
+    run eagerly here) take 1-4 tokens at once: on exact operands they equal the spec bit for bit,
+    every int8 code and every nibble in every lane position; a weight they can't view declines."""
+    n, k, g = 13, 256, 64
+    x = torch.cat([_exact_operands(n, k, m + i)[0] for i in range(m)])
+    codes8 = (torch.arange(n * k) % 256 - 128).to(torch.int8).view(n, k)
+    assert torch.equal(cpu_fused.int8_bits_dot_graph(x, codes8), x @ codes8.float().t())
+    codes4 = (torch.arange(n * k) * 7 % 16).to(torch.uint8).view(n, k)
+    packed = quant.pack_int4(codes4)
+    zero = (torch.arange(n * (k // g)) % 16).to(torch.uint8).view(n, k // g)
+    scale = 2.0 ** torch.randint(-4, 2, (n, k // g)).float()
+    ref = x @ quant.dequantize_int4_groupwise(packed, scale, zero, g).t()
+    assert torch.equal(cpu_fused.int4_bits_dot_graph(x, packed, scale, zero, g), ref)
+    assert cpu_fused.int4_bits_dot_graph(x, packed, scale, zero, 32) is None
+    offset = torch.zeros(n * k + 1, dtype=torch.int8)[1:].view(n, k)  # storage offset 1
+    assert cpu_fused.int8_bits_dot_graph(x, offset) is None
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
