@@ -8,11 +8,18 @@ reports the first-call compile time (prefill and the first decode steps each com
 length is a new shape until Dynamo marks it dynamic) and how many greedy tokens match eager's.
 Writes benchmarks/results/decode_cpu{--tag}.{json,md}.
 
-    .venv/bin/python benchmarks/decode.py [--recipes w8a8 w8a16] [--steps 24] [--tag _avx2]
+    .venv/bin/python benchmarks/decode.py [--recipes w8a8 w8a16 w4a16:group_size=64] [--steps 24]
+        [--dynamic] [--tag _avx2]
+
+A recipe is a preset name, optionally with knobs (`name:knob=value,knob=value`, values as JSON).
+--dynamic compiles with `torch.compile(dynamic=True)`: the prompt graph is then dynamic from the
+start and the first decode step's graph already has a dynamic cache length, so one graph fewer
+compiles (the token count of a decode step, 1, is specialized either way).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pathlib
@@ -52,10 +59,25 @@ class Decoder:
         return dt
 
 
-def run_recipe(model: Any, ids: torch.Tensor, recipe: str, steps: int, warmup: int) -> dict[str, Any]:
+def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
+    """A recipe argument as (preset, knobs):
+    "w4a16:group_size=64,symmetric=false" -> ("w4a16", {"group_size": 64, "symmetric": False})."""
+    name, _, rest = text.partition(":")
+    knobs = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"recipe knob {item!r} in {text!r}: expected NAME=VALUE")
+        knobs[key] = json.loads(value)
+    return name, knobs
+
+
+def run_recipe(model: Any, ids: torch.Tensor, recipe: str, steps: int, warmup: int,
+               dynamic: bool = False) -> dict[str, Any]:
     torch._dynamo.reset()
-    be = qhl.backend(recipe)
-    compiled = torch.compile(model, backend=be)
+    name, knobs = parse_recipe(recipe)
+    be = qhl.backend(name, **knobs)
+    compiled = torch.compile(model, backend=be, dynamic=True if dynamic else None)
     t0 = time.perf_counter()
     qhl_dec = Decoder(compiled, ids)
     for _ in range(warmup):
@@ -84,7 +106,9 @@ def run_recipe(model: Any, ids: torch.Tensor, recipe: str, steps: int, warmup: i
 def markdown(res: dict[str, Any]) -> str:
     lines = ["# SmolLM2-135M greedy decode on CPU, batch 1", "", f"Machine: {res['machine']}", "",
              f"Prefill {PREFILL} tokens, then {res['steps']} timed decode steps after {res['warmup']} warmup steps, "
-             "eager and qhl alternating step by step; medians.", "",
+             "eager and qhl alternating step by step; medians. "
+             f"torch.compile(dynamic={True if res.get('dynamic') else None}); Inductor cache directory: "
+             f"{res.get('inductor_cache_dir', 'default')}.", "",
              "| recipe | qhl ms / step | eager fp32 ms / step | qhl vs eager | first call + warmup (s) | "
              "greedy tokens equal to eager | graphs (codegen) |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in res["rows"]:
@@ -99,6 +123,7 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=["w8a8", "w8a16"])
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=6)
+    ap.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True): one graph fewer")
     ap.add_argument("--tag", default="", help="appended to the result file name (e.g. the machine: _avx2)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -109,8 +134,9 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for recipe in args.recipes:
-            rows.append(run_recipe(model, ids, recipe, args.steps, args.warmup))
-    res = dict(machine=machine("transformers"), steps=args.steps, warmup=args.warmup, rows=rows)
+            rows.append(run_recipe(model, ids, recipe, args.steps, args.warmup, args.dynamic))
+    res = dict(machine=machine("transformers"), steps=args.steps, warmup=args.warmup, dynamic=args.dynamic,
+               inductor_cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"), rows=rows)
     write_results(RESULTS / f"decode_cpu{args.tag}", res, markdown)
 
 

@@ -50,6 +50,8 @@ __all__ = ["w8a8_linear", "w8a8_linear_spec", "w8a8_linear_decomposed", "int8_li
 #               the f32 plan runs cpu_fused.int8_gemv_bits instead, a GEMV per token that reads
 #               Wq's int8 bytes as int32 lanes (the same exact products and float32 sums; no
 #               float32 copy of the codes is made for a weight that only ever sees few tokens).
+#               Under torch.compile the decomposition puts that GEMV into Inductor's graph at a
+#               static 1-4 tokens, for weights of any size (no per-call overhead to amortize).
 # The transposed result is read back inside the fused epilogue (codegen/cpu_fused.py); the eager
 # fallback pays one transpose-copy instead.
 _ROWWISE_MAX_M = 4
@@ -195,9 +197,11 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
     residual add). The GEMM formulation is _cpu_plan's for a known token count; with a dynamic
     token count, an extern qhl::int8_mm_scaled call where the CPU has AMX and the weight is large
     (codegen/cpu_onednn.py; it picks its GEMM per call by the actual token count), else the
-    transposed GEMM. Returns NotImplemented (the op stays an opaque call to its CPU face) off the
-    CPU, and for the token counts whose best formulation needs a per-weight cache (the u8
-    compensation, or the float32 codes where the CPU has no fast int8 GEMM) or a per-token loop."""
+    transposed GEMM. Where the CPU has no fast int8 GEMM (AVX2 alone), a static 1-4 tokens
+    become the bit-mask GEMV (_decomposed_bits). Returns NotImplemented (the op stays an opaque
+    call to its CPU face) off the CPU, and for the token counts whose best formulation needs a
+    per-weight cache (the u8 compensation, or the float32 codes where the CPU has no fast int8
+    GEMM) or a per-token loop."""
     if x.device.type != "cpu":
         return NotImplemented
     n, k = w_int8.shape
