@@ -134,6 +134,11 @@ class QhlBackend:
                 compiled.codegen = "inductor"
                 compiled.codegen_seconds = time.perf_counter() - t0
                 return runner
+            except torch._dynamo.exc.RestartAnalysis:
+                # Not a failure: Dynamo's request to trace the frame again (Inductor's pass that
+                # turns symbolic Python floats into tensors asks for one, with dynamic=True, after
+                # marking the floats to specialize). Swallowed, the graph ran op by op.
+                raise
             except Exception as e:  # noqa: BLE001 - the GraphModule below is always a correct fallback
                 reason = f"Inductor failed ({type(e).__name__}: {str(e).strip()[:300]})"
                 log.warning("qhl: %s graph runs op by op: %s", kind, reason)

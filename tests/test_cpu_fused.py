@@ -422,6 +422,34 @@ def test_inductor_failure_falls_back_to_the_graph_module(monkeypatch, caplog):
     assert _rel_err(out, _reference(model, x)) < 1e-6
 
 
+class _ScaledByFloat(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.proj(x) * scale + torch.nn.functional.silu(x) * scale**0.5
+
+
+def test_dynamic_float_input_restarts_dynamo_rather_than_running_op_by_op():
+    """With dynamic=True a Python float argument is symbolic, and Inductor's pass that turns such
+    floats into tensors may ask Dynamo to trace the frame again (TensorifyScalarRestartAnalysis).
+    That request passes through the backend (it used to be caught as an Inductor failure, and
+    SmolLM2 then decoded op by op at 0.76x eager instead of 2.6x): every graph runs on Inductor,
+    with the op-by-op graph's result."""
+    torch.manual_seed(0)
+    model, x = _ScaledByFloat().eval(), torch.randn(8, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = torch.compile(model, backend=qhl.backend("w8a8", cpu_codegen="spec"), dynamic=True)(x, 0.5)
+    torch._dynamo.reset()
+    be = qhl.backend("w8a8")
+    with torch.no_grad():
+        out = torch.compile(model, backend=be, dynamic=True)(x, 0.5)
+    assert be.graphs and all(g.codegen == "inductor" for g in be.graphs), [g.codegen_reason for g in be.graphs]
+    assert _rel_err(out, ref) < 1e-5
+
+
 def test_unknown_cpu_codegen_is_a_recipe_error():
     with pytest.raises(qhl.RecipeError, match="cpu_codegen='tvm'; valid: \\['inductor', 'spec'\\]"):
         qhl.recipe("w8a8", cpu_codegen="tvm")
