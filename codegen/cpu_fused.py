@@ -127,12 +127,12 @@ def _int8_gemv_bits(xs: Tensor, w_bits: Tensor, w_scale: Tensor) -> Tensor:
     return (_int8_bits_dot(xs, w_bits) * w_scale)[None]
 
 
-def _int4_bits_dot(xs: Tensor, w_bits: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
+def _int4_bits_dot(xs: Tensor, w_bits: Tensor, scale: Optional[Tensor], zero: Optional[Tensor]) -> Tensor:
     # xs [..., 8, G, g/8]: xs[..., j, G, l] = x[..., G*g + 8l + j] * 2^(-4j) (2^-24 for j = 7);
     # w_bits [N, G, g/8]: the packed uint8 weight (two codes a byte, low nibble first) as float32;
-    # scale [N, G, 1] float32, zero [N, G, 1] uint8, or None when every zero point is 8 (symmetric:
-    # subtracting the constant 8 * 2^(4j) instead of reading z is ~10% faster; as an int32
-    # subtraction, Inductor split the loop in two and it ran 2x slower).
+    # scale [N, G, 1] float32 (None: all 1), zero [N, G, 1] uint8, or None when every zero point is 8
+    # (symmetric: subtracting the constant 8 * 2^(4j) instead of reading z is ~10% faster; as an
+    # int32 subtraction, Inductor split the loop in two and it ran 2x slower).
     # Returns [..., N] = sum_G s[n, G] * sum_{k in G} x[..., k] * (c[n, k] - z[n, G]).
     w = w_bits.view(torch.int32)
     z = None if zero is None else zero.float()
@@ -146,7 +146,8 @@ def _int4_bits_dot(xs: Tensor, w_bits: Tensor, scale: Tensor, zero: Optional[Ten
             centered = c.float() - z * float(1 << shift)
         term = centered * xs[..., j, None, :, :]
         acc = term if acc is None else acc + term
-    return (acc.sum(-1, keepdim=True) * scale).sum(-1).sum(-1)
+    part = acc.sum(-1, keepdim=True)
+    return (part if scale is None else part * scale).sum(-1).sum(-1)
 
 
 def _int4_gemv_bits(xs: Tensor, w_bits: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
@@ -365,11 +366,12 @@ def int8_bits_dot_graph(x2: Tensor, w_int8: Tensor) -> Optional[Tensor]:
     return _int8_bits_dot(_spread_graph(x2, 4, ()), w_int8.view(torch.float32))
 
 
-def int4_bits_dot_graph(x2: Tensor, packed: Tensor, scale: Tensor, zero: Optional[Tensor],
+def int4_bits_dot_graph(x2: Tensor, packed: Tensor, scale: Optional[Tensor], zero: Optional[Tensor],
                         group_size: int) -> Optional[Tensor]:
     """[M, N] float32 = x2 @ ((c - z) * s)^T per group, in aten ops for Inductor's graph (the
-    arguments as int4_gemv_bits's; zero None when every zero point is 8); None where the layout
-    doesn't fit (bits_gemv_decline)."""
+    arguments as int4_gemv_bits's; zero None when every zero point is 8, scale None when every
+    scale is 1: w4a8/w4a4's codes, scaled per channel after); None where the layout doesn't fit
+    (bits_gemv_decline)."""
     n, kh = packed.shape
     k, g = kh * 2, group_size
     if bits_gemv_decline(k, g) is not None or not _viewable(packed):
@@ -378,7 +380,8 @@ def int4_bits_dot_graph(x2: Tensor, packed: Tensor, scale: Tensor, zero: Optiona
     xs = _spread_graph(x2, 8, (groups,))
     w_bits = packed.view(torch.float32).view(n, groups, g // 8)
     z3 = None if zero is None else zero.view(n, groups, 1)
-    return _int4_bits_dot(xs, w_bits, scale.view(n, groups, 1), z3)
+    s3 = None if scale is None else scale.view(n, groups, 1)
+    return _int4_bits_dot(xs, w_bits, s3, z3)
 
 
 def _viewable(w: Tensor) -> bool:

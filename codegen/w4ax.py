@@ -32,12 +32,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qhl.codegen import quant
+from qhl.codegen import cpu_fused, cpu_onednn, quant
 from qhl.codegen.w8a8 import int8_linear_cpu
 from qhl.runtime.packed import DerivedCache
 
 __all__ = ["w4a8_linear", "w4a4_linear", "w4ax_linear_spec", "ACT_BITS", "quantize_activations", "unpacked_codes",
-           "CPU_UNPACKED_CACHE"]
+           "CPU_UNPACKED_CACHE", "w4a8_linear_decomposed", "w4a4_linear_decomposed"]
 
 # The activation bits of each form.
 ACT_BITS = {"w4a8": 8, "w4a4": 4}
@@ -105,6 +105,51 @@ def w4ax_linear_spec(
     if bias is not None:
         y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _decomposed(bits: int):
+    """The spec in aten ops for Inductor's whole-graph CPU codegen (runtime/inductor_cpu.py), on
+    a CPU with AVX2 alone at a static 1-4 tokens: the per-token prologue (unrotated: in aten ops;
+    rotated: the qhl::hadamard_quantize_per_token call), then the bit-mask GEMV straight over the
+    packed int4 codes (cpu_fused.int4_bits_dot_graph, one group of K, zero point 8: the CPU face's
+    exact products and float32 sums, without its cached int8 codes) and the epilogue
+    (acc * s_w) * s_x (+ b). Everything else declines with NotImplemented and keeps the CPU face."""
+
+    def decomposed(
+        x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], hadamard_block: int = -1
+    ):
+        n, half_k = w_packed.shape
+        k = 2 * half_k
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        if x.device.type != "cpu" or cpu_onednn.int8_gemm_is_fast() or not isinstance(m, int):
+            return NotImplemented
+        if not 1 <= m <= cpu_fused.BITS_GEMV_MAX_TOKENS or w_packed.dtype != torch.uint8:
+            return NotImplemented
+        if cpu_fused.bits_gemv_decline(k, k) is not None:
+            return NotImplemented
+        if hadamard_block < 0:
+            qmax = (1 << (bits - 1)) - 1
+            xf = x2.float()
+            xs = xf.abs().amax(dim=-1, keepdim=True) / qmax
+            xs = torch.where(xs > 0, xs, torch.ones_like(xs))
+            codes = torch.round(xf / xs).clamp(-qmax, qmax)
+        else:
+            q, xs = torch.ops.qhl.hadamard_quantize_per_token.default(x2, hadamard_block, bits)
+            codes = q.float()
+        acc = cpu_fused.int4_bits_dot_graph(codes, w_packed, None, None, k)
+        if acc is None:
+            return NotImplemented
+        y = (acc * w_scale.float()) * xs
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+    return decomposed
+
+
+w4a8_linear_decomposed = _decomposed(8)
+w4a4_linear_decomposed = _decomposed(4)
 
 
 def _fake(

@@ -480,16 +480,18 @@ def test_w8a16_is_lowered_to_a_gemv_at_one_token_only(tokens, mode, int8_gemm):
     assert _rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("form", ["w8a8", "w8a16", "w4a16"])
-def test_avx2_few_token_layers_are_lowered_into_the_inductor_graph(form, int8_gemm):
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a16", "w4a16", "w4a8", "w4a4", "hadamard-w4a8"])
+def test_avx2_few_token_layers_are_lowered_into_the_inductor_graph(recipe, int8_gemm):
     """On a CPU with AVX2 alone (mode "float"), at a static 1-4 tokens, each form's decomposition
-    puts the bit-mask GEMV into Inductor's graph: no qhl op call is left in the compiled code (each
-    such call cost ~250-500 us of dispatch and Dynamo overhead, which made SmolLM2's decode slower
-    than eager), and the result is the op-by-op graph's to float32 rounding. At 5 tokens, and for
-    w4a16 with a group of 32, the op stays a call to its CPU face."""
+    puts the bit-mask GEMV into Inductor's graph: no call of the layer's qhl op is left in the
+    compiled code (each such call cost ~250-500 us of dispatch and Dynamo overhead, which made
+    SmolLM2's decode slower than eager; hadamard-w4a8 keeps its rotate-and-quantize prologue op),
+    and the result is the op-by-op graph's to float32 rounding. At 5 tokens, and for w4a16 with a
+    group of 32, the op stays a call to its CPU face."""
     from torch._inductor.utils import run_and_get_code
 
     int8_gemm("float")
+    form = recipe.removeprefix("hadamard-")
     model = _stack(256, 2)
     for tokens, group in ((1, 64), (3, 64), (5, 64), (1, 32)):
         if group == 32 and form != "w4a16":
@@ -498,14 +500,17 @@ def test_avx2_few_token_layers_are_lowered_into_the_inductor_graph(form, int8_ge
         x = torch.randn(tokens, 256)
         torch._dynamo.reset()
         with torch.no_grad():
-            ref = torch.compile(model, backend=qhl.backend(form, cpu_codegen="spec", **knobs), dynamic=False)(x)
+            ref = torch.compile(model, backend=qhl.backend(recipe, cpu_codegen="spec", **knobs), dynamic=False)(x)
         torch._dynamo.reset()
-        be = qhl.backend(form, **knobs)
+        be = qhl.backend(recipe, **knobs)
         with torch.no_grad():
             out, codes = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
         assert [g.codegen for g in be.graphs] == ["inductor"]
-        calls = "\n".join(codes).count(f"torch.ops.qhl.{form}_linear.default(")
+        source = "\n".join(codes)
+        calls = source.count(f"torch.ops.qhl.{form}_linear.default(")
         assert calls == (0 if tokens <= cpu_fused.BITS_GEMV_MAX_TOKENS and group == 64 else 2), (tokens, group)
+        if recipe.startswith("hadamard-") and calls == 0:
+            assert source.count("torch.ops.qhl.hadamard_quantize_per_token.default(") == 2
         assert _rel_err(out, ref) < 1e-5, (tokens, group)
 
 
