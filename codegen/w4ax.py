@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from qhl.codegen import cpu_fused, cpu_onednn, quant
-from qhl.codegen.w8a8 import int8_linear_cpu
+from qhl.codegen.w8a8 import epilogue_decomposed, int8_linear_cpu, per_token_codes_decomposed
 from qhl.runtime.packed import DerivedCache
 
 __all__ = ["w4a8_linear", "w4a4_linear", "w4ax_linear_spec", "ACT_BITS", "quantize_activations", "unpacked_codes",
@@ -118,7 +118,7 @@ def _decomposed(bits: int):
     def decomposed(
         x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], hadamard_block: int = -1
     ):
-        n, half_k = w_packed.shape
+        half_k = w_packed.shape[1]
         k = 2 * half_k
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
@@ -129,21 +129,12 @@ def _decomposed(bits: int):
         if cpu_fused.bits_gemv_decline(k, k) is not None:
             return NotImplemented
         if hadamard_block < 0:
-            qmax = (1 << (bits - 1)) - 1
-            xf = x2.float()
-            xs = xf.abs().amax(dim=-1, keepdim=True) / qmax
-            xs = torch.where(xs > 0, xs, torch.ones_like(xs))
-            codes = torch.round(xf / xs).clamp(-qmax, qmax)
+            codes, xs = per_token_codes_decomposed(x2, bits)
         else:
             q, xs = torch.ops.qhl.hadamard_quantize_per_token.default(x2, hadamard_block, bits)
             codes = q.float()
         acc = cpu_fused.int4_bits_dot_graph(codes, w_packed, None, None, k)
-        if acc is None:
-            return NotImplemented
-        y = (acc * w_scale.float()) * xs
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        return NotImplemented if acc is None else epilogue_decomposed(acc, w_scale, xs, bias, x)
 
     return decomposed
 

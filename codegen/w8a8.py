@@ -217,7 +217,7 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
         plan = "s8"  # many tokens without AMX: u8 needs the cached compensation; s8's GEMM is ~4% slower
     if plan not in ("onednn", "cols", "s8"):
         return NotImplemented  # 1 token with AMX (u8), or a few without (one GEMV per token)
-    codes, xs = _per_token_codes(x2)
+    codes, xs = per_token_codes_decomposed(x2)
     q = codes.to(torch.int8)
     if plan == "onednn":
         y = torch.ops.qhl.int8_mm_scaled.default(q, w_int8, w_scale.float()) * xs  # acc * s_w, row-major
@@ -232,12 +232,23 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
     return y.to(x.dtype).contiguous().reshape(*x.shape[:-1], n)
 
 
-def _per_token_codes(x2: Tensor) -> tuple[Tensor, Tensor]:
-    """quant.quantize_per_token in aten ops: (the codes as float32 [M, K], the scales [M, 1])."""
+def per_token_codes_decomposed(x2: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """quant.quantize_per_token_bits in aten ops, for decompositions: (the codes as float32
+    [M, K], the scales [M, 1])."""
+    qmax = (1 << (bits - 1)) - 1
     xf = x2.float()
-    xs = xf.abs().amax(dim=-1, keepdim=True) / quant.INT8_QMAX
+    xs = xf.abs().amax(dim=-1, keepdim=True) / qmax
     xs = torch.where(xs > 0, xs, torch.ones_like(xs))
-    return torch.round(xf / xs).clamp(-quant.INT8_QMAX, quant.INT8_QMAX), xs
+    return torch.round(xf / xs).clamp(-qmax, qmax), xs
+
+
+def epilogue_decomposed(acc: Tensor, w_scale: Tensor, xs: Tensor, bias: Optional[Tensor],
+                        x: Tensor) -> Tensor:
+    """y = (acc * s_w) * s_x (+ b) in x's dtype and leading shape, from acc float32 [M, N]."""
+    y = (acc * w_scale.float()) * xs
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], acc.shape[-1])
 
 
 def _decomposed_bits(x: Tensor, x2: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]):
@@ -245,17 +256,12 @@ def _decomposed_bits(x: Tensor, x2: Tensor, w_int8: Tensor, w_scale: Tensor, bia
     prologue, the bit-mask GEMV over the codes (cpu_fused.int8_bits_dot_graph: exact products,
     float32 sums, as the CPU face's) and the epilogue in one Inductor graph. Other token counts
     decline: their 'f32' plan reads the weight's float32 codes, cached per weight by the CPU face."""
-    m, n = x2.shape[0], w_int8.shape[0]
+    m = x2.shape[0]
     if not isinstance(m, int) or not 1 <= m <= cpu_fused.BITS_GEMV_MAX_TOKENS:
         return NotImplemented
-    codes, xs = _per_token_codes(x2)
+    codes, xs = per_token_codes_decomposed(x2)
     acc = cpu_fused.int8_bits_dot_graph(codes, w_int8)
-    if acc is None:
-        return NotImplemented
-    y = (acc * w_scale.float()) * xs
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return NotImplemented if acc is None else epilogue_decomposed(acc, w_scale, xs, bias, x)
 
 
 def _w8a8_linear_generic(
