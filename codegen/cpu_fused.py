@@ -334,9 +334,9 @@ def int4_gemv_bits(x2: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, grou
 
 
 # The same bit-mask GEMVs inside Inductor's whole-graph CPU codegen (runtime/inductor_cpu.py: the
-# w8a16, w8a8 and w4a16 decompositions, at a static 1-4 tokens where the CPU has AVX2 alone). There
-# no compiled-helper call costs ~110-150 us of Dynamo and OpenMP overhead, which is what made a
-# small layer's decode step slower than float32. x's spread lanes are forced into a contiguous
+# w8a16, w8a8, w4a16, w4a8 and w4a4 decompositions, at a static 1-4 tokens where the CPU has AVX2
+# alone). There no compiled-helper call costs ~110-150 us of Dynamo and OpenMP overhead, which is
+# what made a small layer's decode step slower than float32. x's spread lanes are forced into a contiguous
 # buffer: left inline, the reduction reads them with stride 4 (or 8), and Inductor then vectorizes
 # over the output rows with 8 x 8 transposes of the weight instead (2.5-4x slower, measured).
 def _spread_graph(x2: Tensor, per_lane: int, lead: tuple[int, ...]) -> Tensor:
