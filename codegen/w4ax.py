@@ -18,7 +18,9 @@ R is the online rotation, chosen by the static argument hadamard_block:
 
 Faces:
   spec    this file: torch._int_mm on the unpacked codes; on CPU, w8a8's GEMM formulations on
-          codes unpacked once per weight (see CPU_UNPACKED_CACHE below);
+          codes unpacked once per weight (see CPU_UNPACKED_CACHE below); with AVX2 alone,
+          under torch.compile, the decompositions below put the bit-mask GEMV over the packed
+          codes in Inductor's graph at 1-4 tokens;
   fake    shape [..., N], dtype of x;
   kernel  codegen/triton/w4ax.py (CUDA): per-token quant prologue + int4 unpack + int8 tl.dot +
           dequant epilogue;
@@ -125,8 +127,6 @@ def _decomposed(bits: int):
         if x.device.type != "cpu" or cpu_onednn.int8_gemm_is_fast() or not isinstance(m, int):
             return NotImplemented
         if not 1 <= m <= cpu_fused.BITS_GEMV_MAX_TOKENS or w_packed.dtype != torch.uint8:
-            return NotImplemented
-        if cpu_fused.bits_gemv_decline(k, k) is not None:
             return NotImplemented
         if hadamard_block < 0:
             codes, xs = per_token_codes_decomposed(x2, bits)

@@ -6,7 +6,8 @@ Applying s_w after the product is the same math as x @ (Wq * s_w).T and saves a 
 Faces: spec (CPU, here: Wq converted to float32 one cache-sized tile of rows at a time; at 1
 token, w8a16_linear_decomposed is the GEMV Inductor's CPU codegen lowers it to, and on a CPU with
 AVX2 alone the spec runs cpu_fused.int8_gemv_bits, a GEMV over W's bytes read as int32 lanes:
-1.1 ms a 4096 x 4096 layer against float32's 3.1, AMD EPYC, 2 threads), fake, kernel
+1.1 ms a 4096 x 4096 layer against float32's 3.1, AMD EPYC, 2 threads; under torch.compile the
+decomposition puts that GEMV in Inductor's graph at 1-4 tokens), fake, kernel
 (codegen/triton/weight_only.py, CUDA), grad (dx through the dequantized weight; weight frozen),
 onnx (codegen/onnx/w8a16.py: Cast + MatMul + Mul).
 """

@@ -6,9 +6,12 @@ codegen/<form>.py). Inductor then emits fused C++ loops for each quantized layer
 epilogue around one extern int8 GEMM (oneDNN's, on a weight prepacked once where the CPU has AMX:
 codegen/cpu_onednn.py; else `_int_mm`), fused with the float ops before and after them (a
 layer's dequantize epilogue with the next layer's per-token quantize, RMSNorm, residual adds,
-SiLU), which the per-op CPU faces cannot do. Ops without a decomposition, or for which it declines
-(a token count whose best formulation needs a cached per-weight tensor), stay opaque calls to
-their CPU faces inside the compiled code.
+SiLU), which the per-op CPU faces cannot do. Where the CPU has AVX2 alone (no fast int8 GEMM),
+the weight-only and integer-activation forms lower a static 1-4 tokens to the bit-mask GEMV in
+aten ops instead (codegen/cpu_fused.py), so a decode step has no op call left per layer. Ops
+without a decomposition, or for which it declines (a token count whose best formulation needs a
+cached per-weight tensor, or a layout the GEMV can't take), stay opaque calls to their CPU faces
+inside the compiled code.
 
 The packed weights are buffers of the rewritten graph; they are lifted to graph inputs and passed
 by reference on every call, so runtime/packed.py's refresh (an in-place re-pack when a source
