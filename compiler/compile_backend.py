@@ -24,7 +24,7 @@ from qhl.capture import bind_dynamo_weights, weight_paths_from_dynamo
 from qhl.codegen.triton.emit import attach_kernel_sources
 from qhl.driver import PassRecord, run_passes
 from qhl.graph import TRAINING_META, MatmulInfo, matmul_infos
-from qhl.passes import PRE_AOT, bind
+from qhl.passes import CODEGEN, PRE_AOT, bind
 from qhl.passes.lower_adapters import DECLINED_META, GRAPH_KIND_META
 from qhl.recipes import DEFAULT_RECIPE, Recipe, recipe
 from qhl.codegen import cpu_fused
@@ -130,7 +130,7 @@ class QhlBackend:
         if reason is None:
             t0 = time.perf_counter()
             try:
-                runner = inductor_cpu.compile_inference_graph(gm, fake_inputs)
+                runner = inductor_cpu.compile_inference_graph(self._codegen_passes(gm, compiled), fake_inputs)
                 compiled.codegen = "inductor"
                 compiled.codegen_seconds = time.perf_counter() - t0
                 return runner
@@ -144,6 +144,24 @@ class QhlBackend:
                 log.warning("qhl: %s graph runs op by op: %s", kind, reason)
         compiled.codegen_reason = reason
         return make_boxed_func(GuardedGraph(gm))
+
+    def _codegen_passes(self, gm: fx.GraphModule, compiled: CompiledGraph) -> fx.GraphModule:
+        """The graph Inductor compiles: gm after the CODEGEN passes the recipe enables, each
+        recorded in compiled.passes. gm itself (the layer table's graph, and the fallback should
+        Inductor fail) keeps one node per layer."""
+        names = [name for name in CODEGEN if name != "fuse_sibling_linears" or self.recipe.fuse_siblings]
+        for name in names:
+            before, t0 = gm.code, time.perf_counter()
+            try:
+                with unset_fake_temporarily():  # AOTAutograd calls us in its FakeTensorMode
+                    result = bind(name, self.recipe)(gm)
+            except Exception as e:  # noqa: BLE001 - the graph before the pass is always correct
+                log.warning("qhl: codegen pass %s failed, compiling without it: %s: %s", name, type(e).__name__, e)
+                continue
+            gm = result.gm
+            compiled.passes.append(PassRecord(name, result.changed, dict(result.stats), before, gm.code,
+                                              time.perf_counter() - t0))
+        return gm
 
     def _inductor_declines(self, kind: str, gm: fx.GraphModule, fake_inputs: list[Any]) -> str | None:
         if self.recipe.cpu_codegen != "inductor":

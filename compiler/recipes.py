@@ -123,6 +123,9 @@ class Recipe:
     # graph whole (fused quantize/dequantize around the int8 GEMMs; runtime/inductor_cpu.py),
     # "spec" runs the GraphModule, each qhl op on its CPU face (no C++ compile; faster to compile).
     cpu_codegen: str = "inductor"
+    # With cpu_codegen="inductor": quantized linears that read the same x (q/k/v, gate/up) run as
+    # one, their weights concatenated (passes/fuse_sibling_linears.py; exact).
+    fuse_siblings: bool = True
     version: int = RECIPE_VERSION
     description: str = ""
 
@@ -353,6 +356,7 @@ KNOBS = (
     "rotation", "hadamard_block", "hadamard_seed", "hadamard_dtype",
     "adapter", "r", "k", "hybrid_r", "alpha", "dropout",
     "budget", "rank", "lowrank_k", "lowrank_iters", "cpu_codegen",
+    "fuse_siblings",
 )
 
 

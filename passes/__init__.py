@@ -12,6 +12,7 @@ from qhl.passes.adapter_layers import adapter_layers
 from qhl.passes.base import GraphPass, PassResult
 from qhl.passes.canonicalize_matmuls import canonicalize_matmuls
 from qhl.passes.fold_weight_transforms import fold_weight_transforms
+from qhl.passes.fuse_sibling_linears import fuse_sibling_linears
 from qhl.passes.lower_adapters import lower_adapters
 from qhl.passes.merge_adapters import merge_adapters
 from qhl.passes.quantize_linear import quantize_linear
@@ -19,7 +20,7 @@ from qhl.passes.rotate_online import rotate_online
 from qhl.passes.rotate_residual import rotate_residual
 from qhl.passes.select_layers import select_layers
 
-__all__ = ["PASSES", "PassResult", "GraphPass", "bind", "LOSSLESS", "PRE_AOT"]
+__all__ = ["PASSES", "PassResult", "GraphPass", "bind", "LOSSLESS", "PRE_AOT", "CODEGEN"]
 
 PASSES = {
     "lower_adapters": lower_adapters,  # base matmul + GraLoRA/LoRA adapter -> qhl.gralora_linear
@@ -31,6 +32,8 @@ PASSES = {
     "quantize_linear": quantize_linear,  # canonical linear -> qhl:: quantized ops
     "fold_weight_transforms": fold_weight_transforms,  # float weights still owed a rotation
     "adapter_layers": adapter_layers,  # fused adapters in the layer table; int4 base of gralora-w4a16
+    # Codegen only (CODEGEN): the CPU Inductor door runs it on the graph it compiles; recipes don't list it.
+    "fuse_sibling_linears": fuse_sibling_linears,  # q/k/v (gate/up) reading one x -> one qhl linear + slices
 }
 _NEEDS_RECIPE = {"select_layers", "rotate_residual", "rotate_online", "adapter_layers"}
 # Passes the torch.compile door also runs on Dynamo's torch-level graph, before AOTAutograd
@@ -39,8 +42,11 @@ PRE_AOT = ("lower_adapters",)
 # Passes that must not change the graph's numbers (verify mode checks them with a tight tolerance).
 # 80 dB: float32 accumulation-order noise. Rotations are exact in real arithmetic and only move
 # float32 rounding: they are held to the same floor.
+# Passes the torch.compile door runs on a CPU inference graph just before Inductor compiles it
+# (recipe knob fuse_siblings), after the layer table is taken: they change how, not what, it computes.
+CODEGEN = ("fuse_sibling_linears",)
 LOSSLESS = {"canonicalize_matmuls", "select_layers", "rotate_residual", "rotate_online", "fold_weight_transforms"}
-LOSSLESS |= {"lower_adapters", "merge_adapters"}  # same math, another summation order
+LOSSLESS |= {"lower_adapters", "merge_adapters", "fuse_sibling_linears"}  # same math, another summation order
 
 
 def bind(name: str, recipe) -> GraphPass:

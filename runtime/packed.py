@@ -98,8 +98,11 @@ def refresh(gm: torch.nn.Module, records: list[PackedWeight]) -> int:
         for name, tensor in zip(p.buffers, p.pack(p.source.detach().float())):
             buffer = getattr(gm, name)
             buffer.copy_(tensor)
-            for hook in _REPACK_HOOKS:
-                hook(buffer)
+            # A buffer may be a row view of a fused one (passes/fuse_sibling_linears.py): caches
+            # derived from that base are stale too.
+            for changed in (buffer,) if buffer._base is None else (buffer, buffer._base):
+                for hook in _REPACK_HOOKS:
+                    hook(changed)
         p.version = p.source._version
     if stale:
         log.debug("re-packed %d weight(s) that changed in place: %s", len(stale), [p.path for p in stale][:5])

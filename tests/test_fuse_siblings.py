@@ -1,0 +1,184 @@
+"""fuse_sibling_linears (passes/fuse_sibling_linears.py): before -> expected graph, exact numerics,
+shared memory and re-packs through the views, idempotence, the cases it declines with their
+reasons, and the torch.compile door that runs it before Inductor."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from qhl_testing import call_targets, compile_run, graph_expr, make_graph, run_graph
+
+import qhl
+from qhl.driver import run_passes
+from qhl.passes import fuse_sibling_linears
+from qhl.passes.fuse_sibling_linears import FUSED_FROM_META, sibling_groups
+from qhl.recipes import LayerOverride
+from qhl.runtime.packed import PACKED_META, refresh
+
+qops = torch.ops.qhl
+
+
+class _Attention(torch.nn.Module):
+    """q/k/v read one x (Llama's projections, or BERT's with biases), o reads their mix."""
+
+    def __init__(self, d: int = 64, kv: int = 32, bias: bool = False):
+        super().__init__()
+        self.q = torch.nn.Linear(d, d, bias=bias)
+        self.k = torch.nn.Linear(d, kv, bias=bias)
+        self.v = torch.nn.Linear(d, kv, bias=bias)
+        self.o = torch.nn.Linear(d, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.q(x) * torch.cat([self.k(x), self.v(x)], -1).sigmoid())
+
+
+def _quantized(recipe, model: torch.nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    gm, _ = run_passes(make_graph(model, x), recipe)
+    return gm
+
+
+def _ops(gm: torch.fx.GraphModule, op) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.target == op]
+
+
+@pytest.mark.parametrize("form", ["w8a8", "w8a16", "w4a16", "w4a8"])
+def test_siblings_become_one_linear_and_slices(form):
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(2, 3, 64)
+    knobs = {"group_size": 32} if form == "w4a16" else {}
+    before = _quantized(qhl.recipe(form, **knobs), model, x)
+    kept = copy.deepcopy(before)
+    res = fuse_sibling_linears(before)
+    op = getattr(qops, f"{form}_linear").default
+    assert res.changed and dict(res.stats) == {"groups": 1, "fused_linears": 3, "declined": 0}
+    # Golden: one op over the concatenated weight, each old output a slice of its channels.
+    expr = graph_expr(res.gm)
+    fused = {
+        "w8a8": "qhl.w8a8_linear.default(in1, attr<int8[128, 64]>, attr<float32[128]>, None)",
+        "w8a16": "qhl.w8a16_linear.default(in1, attr<int8[128, 64]>, attr<float32[128]>, None)",
+        "w4a16": "qhl.w4a16_linear.default(in1, attr<uint8[128, 32]>, attr<float32[128, 2]>, attr<uint8[128, 2]>, 32, None)",
+        "w4a8": "qhl.w4a8_linear.default(in1, attr<uint8[128, 32]>, attr<float32[128]>, None)",
+    }[form]
+    assert expr.count(fused) == 3
+    for start, end in [(0, 64), (64, 96), (96, 128)]:
+        assert f"aten.slice.Tensor({fused}, -1, {start}, {end})" in expr
+    assert len(_ops(res.gm, op)) == 2  # the fused q/k/v and o
+    [node] = [n for n in _ops(res.gm, op) if FUSED_FROM_META in n.meta]
+    assert node.meta[FUSED_FROM_META] == ["q", "k", "v"]
+    # Exact: every output element is computed as before (same rows, same x quantization).
+    [ref], [out] = run_graph(kept), run_graph(res.gm)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # Idempotent: nothing left to fuse.
+    again = fuse_sibling_linears(res.gm)
+    assert not again.changed and again.gm.code == res.gm.code
+
+
+def test_inputs_graph_shares_the_memory_and_a_repack_reaches_the_fused_weight():
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(1, 1, 64)
+    gm = _quantized(qhl.recipe("w8a16"), model, x)
+    names = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    res = fuse_sibling_linears(gm)
+    [(whole_name, whole)] = [(n.target, getattr(res.gm, n.target)) for n in res.gm.graph.nodes
+                             if n.op == "get_attr" and getattr(res.gm, n.target).dtype == torch.int8
+                             and getattr(res.gm, n.target).shape[0] == 128]
+    q_codes = next(getattr(gm, t) for t in names if t.startswith("qhl_q_") and getattr(gm, t).dtype == torch.int8)
+    # The input graph's q codes are rows 0..63 of the fused buffer, in both graphs: no copy.
+    assert q_codes._base is whole and q_codes.data_ptr() == whole.data_ptr()
+    assert getattr(res.gm, [t for t in names if t.startswith("qhl_q_")][0]).data_ptr() == whole.data_ptr()
+    # An in-place weight change re-packs through the view: the fused graph computes the new weight.
+    with torch.no_grad():
+        model.k.weight.mul_(-2.0)
+    assert refresh(res.gm, res.gm.meta[PACKED_META]) >= 1
+    fresh = _quantized(qhl.recipe("w8a16"), model, x)
+    [want], [got] = run_graph(fresh), run_graph(res.gm)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert whole_name not in names
+
+
+def test_graph_input_biases_are_concatenated_in_the_graph():
+    torch.manual_seed(0)
+    model, x = _Attention(bias=True), torch.randn(2, 3, 64)
+    before = _quantized(qhl.recipe("w8a16"), model, x)
+    kept = copy.deepcopy(before)
+    res = fuse_sibling_linears(before)
+    assert dict(res.stats)["fused_linears"] == 3
+    # The door passes biases as graph inputs: their concatenation is part of the graph, so a new
+    # bias value is used on the next call.
+    assert "aten.cat.default([in1, in4, in6])" in graph_expr(res.gm)
+    [ref], [out] = run_graph(kept), run_graph(res.gm)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+class _Mixed(torch.nn.Module):
+    """Three linears on one x that can't all fuse: k has a bias the others lack; u a different x."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(64, 64, bias=False)
+        self.k = torch.nn.Linear(64, 32, bias=True)
+        self.v = torch.nn.Linear(64, 32, bias=False)
+        self.u = torch.nn.Linear(64, 32, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x).sum(-1) + self.k(x).sum(-1) * self.v(x).sum(-1) + self.u(x.relu()).sum(-1)
+
+
+def test_declines_a_sibling_whose_arguments_differ_and_says_why():
+    torch.manual_seed(0)
+    model, x = _Mixed(), torch.randn(2, 3, 64)
+    gm = _quantized(qhl.recipe("w8a16"), model, x)
+    groups, declined = sibling_groups(gm)
+    assert [[n.meta["qhl_matmul"].path for n in g] for g in groups] == [["q", "v"]]
+    [(node, reason)] = declined
+    assert node.meta["qhl_matmul"].path == "k"
+    assert reason.startswith("its op or arguments differ from every other linear reading")
+    kept = copy.deepcopy(gm)
+    res = fuse_sibling_linears(gm)
+    assert dict(res.stats) == {"groups": 1, "fused_linears": 2, "declined": 1}
+    [ref], [out] = run_graph(kept), run_graph(res.gm)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_different_group_sizes_do_not_fuse():
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(1, 2, 64)
+    recipe = qhl.recipe("w4a16", group_size=64, overrides=[LayerOverride("k", group_size=32)])
+    gm = _quantized(recipe, model, x)
+    groups, declined = sibling_groups(gm)
+    assert [sorted(n.meta["qhl_matmul"].path for n in g) for g in groups] == [["q", "v"]]
+    assert [(n.meta["qhl_matmul"].path, r.split(" reading")[0]) for n, r in declined] == [
+        ("k", "its op or arguments differ from every other linear")]
+
+
+def test_a_lone_linear_and_a_float_graph_are_left_alone():
+    model, x = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)), torch.randn(2, 64)
+    gm = _quantized(qhl.recipe("w8a8"), model, x)
+    code = gm.code
+    res = fuse_sibling_linears(gm)
+    assert not res.changed and res.gm.code == code and dict(res.stats) == {"groups": 0, "fused_linears": 0, "declined": 0}
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_compile_door_fuses_before_inductor_and_keeps_the_layer_table(tokens):
+    torch.manual_seed(0)
+    model, x = _Attention(bias=True).eval(), torch.randn(1, tokens, 64)
+    out, be = compile_run(model, (x,), "w8a16")
+    ref, be_off = compile_run(model, (x,), "w8a16", fuse_siblings=False)
+    [graph] = be.graphs
+    assert graph.codegen == "inductor", graph.codegen_reason
+    record = graph.passes[-1]
+    assert record.name == "fuse_sibling_linears" and record.changed and record.stats["fused_linears"] == 3
+    assert "slice" in record.after and "slice" not in record.before
+    # The layer table (and the kept GraphModule) still have one row and one node per layer.
+    assert [i.path for i in graph.layers] == ["q", "k", "v", "o"]
+    assert call_targets(graph.gm).count("qhl.w8a16_linear.default") == 4
+    assert "fuse_sibling_linears" not in [p.name for p in be_off.graphs[0].passes]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_fuse_siblings_is_a_recipe_knob_that_round_trips():
+    r = qhl.recipe("w8a8", fuse_siblings=False)
+    assert r.fuse_siblings is False and qhl.Recipe.from_json(r.to_json()) == r
+    assert qhl.recipe("w8a8").fuse_siblings is True
