@@ -13,7 +13,8 @@ without a decomposition, or for which it declines (a token count whose best form
 cached per-weight tensor, or a layout the GEMV can't take), stay opaque calls to their CPU faces
 inside the compiled code.
 
-The packed weights are buffers of the rewritten graph; they are lifted to graph inputs and passed
+The graph it receives has been through the CODEGEN passes (compile_backend: fuse_sibling_linears,
+so q/k/v and gate/up are one op each). The packed weights are buffers of the rewritten graph; they are lifted to graph inputs and passed
 by reference on every call, so runtime/packed.py's refresh (an in-place re-pack when a source
 weight changed) is seen by the compiled code. Training graphs are not compiled here: their
 forward/backward split and the straight-through gradients stay with the GraphModule.
