@@ -9,7 +9,7 @@ length is a new shape until Dynamo marks it dynamic) and how many greedy tokens 
 Writes benchmarks/results/decode_cpu{--tag}.{json,md}.
 
     .venv/bin/python benchmarks/decode.py [--recipes w8a8 w8a16 w4a16:group_size=64] [--steps 24]
-        [--dynamic] [--tag _avx2]
+        [--dynamic] [--cache static] [--tag _avx2]
 
 A recipe is a preset name, optionally with knobs (`name:knob=value,knob=value`, values as JSON).
 --dynamic compiles with `torch.compile(dynamic=True)`: the prompt graph is then dynamic from the
@@ -37,24 +37,39 @@ from bench_env import machine, write_results
 log = logging.getLogger("decode")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PREFILL = 32
+STATIC_CACHE_LEN = 128  # prompt + warmup + timed steps must fit
 
 
 class Decoder:
-    """One greedy decode stream: call step() for the next token's logits and its time."""
+    """One greedy decode stream: call step() for the next token's logits and its time.
 
-    def __init__(self, fn: Any, ids: torch.Tensor):
-        from transformers import DynamicCache
+    cache "dynamic": transformers' DynamicCache, which grows a step at a time (Dynamo compiles the
+    first decode step for its cache length, then again with that length dynamic); "static": a
+    StaticCache of STATIC_CACHE_LEN positions, the same shapes every step (one decode graph).
+    """
 
-        out = fn(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-        self.fn, self.cache = fn, out.past_key_values
+    def __init__(self, fn: Any, ids: torch.Tensor, cache: str = "dynamic", config: Any = None):
+        from transformers import DynamicCache, StaticCache
+
+        self.fn, self.static = fn, cache == "static"
+        self.pos = ids.shape[1]
+        kv = StaticCache(config=config, max_cache_len=STATIC_CACHE_LEN) if self.static else DynamicCache()
+        out = fn(input_ids=ids, past_key_values=kv, use_cache=True, **self._position(0, self.pos))
+        self.cache = kv if self.static else out.past_key_values
         self.next = out.logits[:, -1:].argmax(-1)
         self.tokens: list[int] = []
 
+    def _position(self, start: int, length: int) -> dict[str, Any]:
+        return {"cache_position": torch.arange(start, start + length)} if self.static else {}
+
     def step(self) -> float:
         t0 = time.perf_counter()
-        out = self.fn(input_ids=self.next, past_key_values=self.cache, use_cache=True)
+        out = self.fn(input_ids=self.next, past_key_values=self.cache, use_cache=True, **self._position(self.pos, 1))
         dt = time.perf_counter() - t0
-        self.cache, self.next = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        self.pos += 1
+        if not self.static:
+            self.cache = out.past_key_values
+        self.next = out.logits[:, -1:].argmax(-1)
         self.tokens.append(int(self.next))
         return dt
 
@@ -73,18 +88,18 @@ def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def run_recipe(model: Any, ids: torch.Tensor, recipe: str, steps: int, warmup: int,
-               dynamic: bool = False) -> dict[str, Any]:
+               dynamic: bool = False, cache: str = "dynamic") -> dict[str, Any]:
     torch._dynamo.reset()
     name, knobs = parse_recipe(recipe)
     be = qhl.backend(name, **knobs)
     compiled = torch.compile(model, backend=be, dynamic=True if dynamic else None)
     t0 = time.perf_counter()
-    qhl_dec = Decoder(compiled, ids)
+    qhl_dec = Decoder(compiled, ids, cache, model.config)
     for _ in range(warmup):
         qhl_dec.step()
     compile_s = time.perf_counter() - t0
     log.info("%s: prefill + %d warmup steps (compiles included) %.0f s", recipe, warmup, compile_s)
-    eager_dec = Decoder(model, ids)
+    eager_dec = Decoder(model, ids, cache, model.config)
     for _ in range(warmup):
         eager_dec.step()
     times: dict[str, list[float]] = {"eager": [], "qhl": []}
@@ -107,7 +122,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = ["# SmolLM2-135M greedy decode on CPU, batch 1", "", f"Machine: {res['machine']}", "",
              f"Prefill {PREFILL} tokens, then {res['steps']} timed decode steps after {res['warmup']} warmup steps, "
              "eager and qhl alternating step by step; medians. "
-             f"torch.compile(dynamic={True if res.get('dynamic') else None}); Inductor cache directory: "
+             f"torch.compile(dynamic={True if res.get('dynamic') else None}); KV cache: {res.get('cache', 'dynamic')}; "
+             "Inductor cache directory: "
              f"{res.get('inductor_cache_dir', 'default')}.", "",
              "| recipe | qhl ms / step | eager fp32 ms / step | qhl vs eager | first call + warmup (s) | "
              "greedy tokens equal to eager | graphs (codegen) |", "|---|---:|---:|---:|---:|---:|---|"]
@@ -124,8 +140,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True): one graph fewer")
+    ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                    help="transformers' DynamicCache, or a StaticCache: fixed shapes, one decode graph")
     ap.add_argument("--tag", default="", help="appended to the result file name (e.g. the machine: _avx2)")
     args = ap.parse_args()
+    if PREFILL + args.warmup + args.steps > STATIC_CACHE_LEN and args.cache == "static":
+        raise SystemExit(f"--cache static holds {STATIC_CACHE_LEN} positions: prefill {PREFILL} + warmup + steps must fit")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from qhl.models import load_smollm2, news_corpus_tokens
 
@@ -134,8 +154,9 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for recipe in args.recipes:
-            rows.append(run_recipe(model, ids, recipe, args.steps, args.warmup, args.dynamic))
+            rows.append(run_recipe(model, ids, recipe, args.steps, args.warmup, args.dynamic, args.cache))
     res = dict(machine=machine("transformers"), steps=args.steps, warmup=args.warmup, dynamic=args.dynamic,
+               cache=args.cache,
                inductor_cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"), rows=rows)
     write_results(RESULTS / f"decode_cpu{args.tag}", res, markdown)
 
