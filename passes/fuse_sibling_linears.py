@@ -35,6 +35,7 @@ from torch import fx
 
 from qhl.graph import MATMUL_META
 from qhl.passes.base import PassResult
+from qhl.runtime.packed import replace_shared
 
 __all__ = ["fuse_sibling_linears", "sibling_groups", "FUSABLE_OPS", "FUSED_FROM_META"]
 
@@ -141,6 +142,21 @@ def _buffer_name(gm: fx.GraphModule, first: str) -> str:
     return name
 
 
+def _already_fused(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The buffer `parts` are consecutive row views of, covering all of it, if they are (a
+    fusion of the same weights in another graph of the model made it); else None."""
+    base = parts[0]._base
+    if base is None or not base.is_contiguous():
+        return None
+    offset = 0
+    for part in parts:
+        if part._base is not base or part.storage_offset() != base.storage_offset() + offset * base.stride(0) \
+                or part.shape[1:] != base.shape[1:]:
+            return None
+        offset += part.shape[0]
+    return base if offset == base.shape[0] else None
+
+
 def _set_val(node: fx.Node, make) -> None:
     # The fake value later code reads from node.meta["val"] (the Inductor door's decomposition
     # check), derived from the fake values of the nodes replaced; skipped where they have none.
@@ -165,16 +181,23 @@ def _fuse(source: fx.GraphModule, gm: fx.GraphModule, nodes: list[fx.Node]) -> N
                 _set_val(args[i], lambda: torch.cat([p.meta["val"] for p in parts]))
                 continue
             targets = [n.args[i].target for n in nodes]
-            whole = torch.cat([_attr(gm, t).detach() for t in targets])
+            parts = [_attr(gm, t) for t in targets]
+            whole = _already_fused(parts)
+            if whole is None:
+                whole = torch.cat([t.detach() for t in parts])
             name = _buffer_name(gm, targets[0])
             gm.register_buffer(name, whole)
             # The input graph's buffers (and this copy's names for them, which refresh re-packs
             # in place) become row views of the concatenation: no second copy of the weights.
+            # The model's other graphs, which share the packed weights (packed.pack_once), get
+            # the views too, and their own fusion then finds the concatenation already made.
             offset = 0
-            for t, rows in zip(targets, n_rows):
+            for t, part, rows in zip(targets, parts, n_rows):
                 view = whole[offset:offset + rows]
                 _set_attr(gm, t, view)
                 _set_attr(source, t, view)
+                if part is not view:
+                    replace_shared(part, view)
                 offset += rows
             args[i] = graph.get_attr(name)
             args[i].meta["val"] = whole

@@ -27,7 +27,7 @@ from qhl.codegen import quant
 from qhl.graph import MatmulInfo, matmul_infos
 from qhl.passes import lowrank_rules
 from qhl.passes.base import PassResult
-from qhl.runtime.packed import PackedWeight, record_packed
+from qhl.runtime.packed import PackedWeight, pack_once, record_packed
 
 __all__ = ["quantize_linear", "RULES", "Rule"]
 
@@ -138,7 +138,11 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, info: MatmulInfo, rule: Rule) ->
     w = info.weight.value.detach()
     knobs = dict(info.knobs)
     transform = info.transformed  # an offline rotation owed to this weight (identity if none)
-    packed = rule.pack(transform(w.to(torch.float32)), knobs)
+    if info.weight_transform is None:  # shared with the model's other compiled graphs
+        key = (rule.form, repr(sorted(knobs.items())), str(w.device))
+        packed = pack_once(info.weight.value, key, lambda: [t.to(w.device) for t in rule.pack(w.to(torch.float32), knobs)])
+    else:
+        packed = rule.pack(transform(w.to(torch.float32)), knobs)
     x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
     with gm.graph.inserting_before(node):
         attrs, names = [], []

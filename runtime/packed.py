@@ -18,7 +18,8 @@ import torch
 from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["PACKED_META", "PackedWeight", "record_packed", "refresh", "GuardedGraph", "on_repack", "DerivedCache"]
+__all__ = ["PACKED_META", "PackedWeight", "record_packed", "refresh", "GuardedGraph", "on_repack", "DerivedCache",
+           "pack_once", "replace_shared"]
 
 log = logging.getLogger(__name__)
 PACKED_META = "qhl_packed"  # gm.meta key: list[PackedWeight]
@@ -84,6 +85,37 @@ class DerivedCache:
     def forget(self, buffer: torch.Tensor) -> None:
         with self._lock:
             self._entries.pop(buffer, None)
+
+
+# Packed weights shared by the graphs one model compiles into (a prompt graph, a decode graph, one
+# more when a shape turns dynamic): source weight -> {(form, knobs): (its version, packed tensors)}.
+# Without it each graph packed and held its own copy of every weight. A stale entry (the source
+# changed in place since) is packed again; the graphs already holding the old tensors re-pack them
+# in place through their own records (refresh), so sharing never serves stale codes.
+_SHARED = WeakIdKeyDictionary()
+_shared_lock = threading.Lock()
+
+
+def pack_once(source: torch.Tensor, key: tuple[Any, ...], pack: Callable[[], tuple[torch.Tensor, ...]]
+              ) -> tuple[torch.Tensor, ...]:
+    """The packed tensors for `source` under `key` (the form and its knobs), packed on first use."""
+    with _shared_lock:
+        hit = _SHARED.get(source, {}).get(key)
+    if hit is not None and hit[0] == source._version:
+        return hit[1]
+    packed = tuple(pack())
+    with _shared_lock:
+        _SHARED.setdefault(source, {})[key] = (source._version, packed)
+    return packed
+
+
+def replace_shared(old: torch.Tensor, new: torch.Tensor) -> None:
+    """Serve `new` wherever the shared packs hold `old` (a fusion moved it into a larger buffer)."""
+    with _shared_lock:
+        for entries in _SHARED.values():
+            for key, (version, packed) in list(entries.items()):
+                if any(t is old for t in packed):
+                    entries[key] = (version, tuple(new if t is old else t for t in packed))
 
 
 def record_packed(gm: fx.GraphModule, packed: PackedWeight) -> None:

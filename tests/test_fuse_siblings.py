@@ -182,3 +182,49 @@ def test_fuse_siblings_is_a_recipe_knob_that_round_trips():
     r = qhl.recipe("w8a8", fuse_siblings=False)
     assert r.fuse_siblings is False and qhl.Recipe.from_json(r.to_json()) == r
     assert qhl.recipe("w8a8").fuse_siblings is True
+
+
+def test_a_models_graphs_share_one_copy_of_the_packed_and_fused_weights():
+    """Recompiling for a new shape (a decode step after the prompt) used to pack every weight again."""
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    torch._dynamo.reset()
+    be = qhl.backend("w8a16")
+    compiled = torch.compile(model, backend=be)
+    xs = [torch.randn(1, t, 64) for t in (1, 2, 3)]
+    with torch.no_grad():
+        for x in xs:
+            compiled(x)
+    assert len(be.graphs) >= 2
+    storages = {getattr(g.gm, n.target).untyped_storage().data_ptr()
+                for g in be.graphs for n in g.gm.graph.nodes if n.op == "get_attr"}
+    assert len(storages) == 4  # fused q/k/v codes and scales, o's codes and scales: once for all graphs
+    # A weight changed in place reaches every graph (each re-packs the shared buffer in place).
+    with torch.no_grad():
+        model.v.weight.mul_(3.0)
+        outs = [compiled(x) for x in xs]
+    torch._dynamo.reset()
+    fresh = _Attention().eval()
+    fresh.load_state_dict(model.state_dict())
+    for x, out in zip(xs, outs):
+        ref, _ = compile_run(fresh, (x,), "w8a16", fuse_siblings=False)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_pack_once_packs_again_after_an_in_place_change():
+    from qhl.runtime.packed import pack_once
+
+    w = torch.randn(8, 16)
+    calls = []
+
+    def pack():
+        calls.append(1)
+        return (w * 2,)
+
+    first = pack_once(w, ("test",), pack)
+    assert pack_once(w, ("test",), pack)[0] is first[0] and len(calls) == 1
+    w.add_(1.0)
+    again = pack_once(w, ("test",), pack)
+    assert again[0] is not first[0] and len(calls) == 2
+    torch.testing.assert_close(again[0], w * 2)
+    assert pack_once(w, ("other knobs",), pack)[0] is not again[0]
