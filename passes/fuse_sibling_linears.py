@@ -112,7 +112,14 @@ def sibling_groups(gm: fx.GraphModule) -> tuple[list[list[fx.Node]], list[tuple[
             declined.append((node, sig))
         else:
             by_key[sig].append(node)
-    groups = [nodes for nodes in by_key.values() if len(nodes) > 1]
+    groups = []
+    for nodes in (g for g in by_key.values() if len(g) > 1):
+        consts = [a.target for n in nodes for a in n.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
+        if len(set(consts)) < len(consts):
+            # One buffer in two places of the concatenation: a re-pack could reach only one.
+            declined.extend((n, "it shares a packed buffer with a sibling") for n in nodes)
+        else:
+            groups.append(nodes)
     fused = {n for g in groups for n in g}
     for x, nodes in by_x.items():
         if len(nodes) < 2:

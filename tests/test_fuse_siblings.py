@@ -228,3 +228,17 @@ def test_pack_once_packs_again_after_an_in_place_change():
     assert again[0] is not first[0] and len(calls) == 2
     torch.testing.assert_close(again[0], w * 2)
     assert pack_once(w, ("other knobs",), pack)[0] is not again[0]
+
+
+def test_siblings_sharing_a_packed_buffer_are_declined():
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(1, 2, 64)
+    gm = _quantized(qhl.recipe("w8a16"), model, x)
+    q, k, v = [n for n in gm.graph.nodes if n.target == qops.w8a16_linear.default][:3]
+    # Make k read v's packed buffers (same shapes): a graph a pass must not fuse into one buffer.
+    k.args = (k.args[0], v.args[1], v.args[2], k.args[3])
+    gm.recompile()
+    groups, declined = sibling_groups(gm)
+    assert groups == []
+    assert sorted(n.name for n, r in declined if r == "it shares a packed buffer with a sibling") == sorted(
+        [q.name, k.name, v.name])
