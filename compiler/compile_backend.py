@@ -2,8 +2,9 @@
 
 Dynamo graph -> AOTAutograd (forward + backward for training, or one inference graph) -> our
 passes on each ATen graph -> the compiled callable. A CPU inference graph gets the CODEGEN passes
-(passes/fuse_sibling_linears.py, knob fuse_siblings) and is compiled whole by Inductor, each qhl op lowered to its aten decomposition where it has one (runtime/inductor_cpu.py;
-recipe knob cpu_codegen="inductor", the default). Otherwise the rewritten GraphModule runs as it
+(passes/fuse_sibling_linears.py, knob fuse_siblings) and is compiled whole by Inductor, each qhl
+op lowered to its aten decomposition where it has one (runtime/inductor_cpu.py; recipe knob
+cpu_codegen="inductor", the default). Otherwise the rewritten GraphModule runs as it
 is: its qhl:: ops on their CPU faces, or on CUDA their Triton kernels.
 
 `qhl.backend("w4a16", group_size=64)` returns the same backend as an object, which also keeps

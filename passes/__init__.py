@@ -39,12 +39,12 @@ _NEEDS_RECIPE = {"select_layers", "rotate_residual", "rotate_online", "adapter_l
 # Passes the torch.compile door also runs on Dynamo's torch-level graph, before AOTAutograd
 # splits forward and backward (so a fused op's own autograd is what trains).
 PRE_AOT = ("lower_adapters",)
-# Passes that must not change the graph's numbers (verify mode checks them with a tight tolerance).
-# 80 dB: float32 accumulation-order noise. Rotations are exact in real arithmetic and only move
-# float32 rounding: they are held to the same floor.
 # Passes the torch.compile door runs on a CPU inference graph just before Inductor compiles it
 # (recipe knob fuse_siblings), after the layer table is taken: they change how, not what, it computes.
 CODEGEN = ("fuse_sibling_linears",)
+# Passes that must not change the graph's numbers (verify mode checks them with a tight tolerance).
+# 80 dB: float32 accumulation-order noise. Rotations are exact in real arithmetic and only move
+# float32 rounding: they are held to the same floor.
 LOSSLESS = {"canonicalize_matmuls", "select_layers", "rotate_residual", "rotate_online", "fold_weight_transforms"}
 LOSSLESS |= {"lower_adapters", "merge_adapters", "fuse_sibling_linears"}  # same math, another summation order
 

@@ -14,8 +14,8 @@ cached per-weight tensor, or a layout the GEMV can't take), stay opaque calls to
 inside the compiled code.
 
 The graph it receives has been through the CODEGEN passes (compile_backend: fuse_sibling_linears,
-so q/k/v and gate/up are one op each). The packed weights are buffers of the rewritten graph; they are lifted to graph inputs and passed
-by reference on every call, so runtime/packed.py's refresh (an in-place re-pack when a source
+so q/k/v and gate/up are one op each). The packed weights are buffers of the rewritten graph;
+they are lifted to graph inputs and passed by reference on every call, so runtime/packed.py's refresh (an in-place re-pack when a source
 weight changed) is seen by the compiled code. Training graphs are not compiled here: their
 forward/backward split and the straight-through gradients stay with the GraphModule.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,7 +92,8 @@ class DerivedCache:
 # more when a shape turns dynamic): source weight -> {(form, knobs): (its version, packed tensors)}.
 # Without it each graph packed and held its own copy of every weight. A stale entry (the source
 # changed in place since) is packed again; the graphs already holding the old tensors re-pack them
-# in place through their own records (refresh), so sharing never serves stale codes.
+# in place through their own records (refresh), so sharing never serves stale codes. The packed
+# tensors are held weakly: they live while a compiled graph holds them, not as long as the model.
 _SHARED = WeakIdKeyDictionary()
 _shared_lock = threading.Lock()
 
@@ -102,10 +104,12 @@ def pack_once(source: torch.Tensor, key: tuple[Any, ...], pack: Callable[[], tup
     with _shared_lock:
         hit = _SHARED.get(source, {}).get(key)
     if hit is not None and hit[0] == source._version:
-        return hit[1]
+        packed = tuple(ref() for ref in hit[1])
+        if all(t is not None for t in packed):
+            return packed
     packed = tuple(pack())
     with _shared_lock:
-        _SHARED.setdefault(source, {})[key] = (source._version, packed)
+        _SHARED.setdefault(source, {})[key] = (source._version, tuple(weakref.ref(t) for t in packed))
     return packed
 
 
@@ -113,9 +117,9 @@ def replace_shared(old: torch.Tensor, new: torch.Tensor) -> None:
     """Serve `new` wherever the shared packs hold `old` (a fusion moved it into a larger buffer)."""
     with _shared_lock:
         for entries in _SHARED.values():
-            for key, (version, packed) in list(entries.items()):
-                if any(t is old for t in packed):
-                    entries[key] = (version, tuple(new if t is old else t for t in packed))
+            for key, (version, refs) in list(entries.items()):
+                if any(ref() is old for ref in refs):
+                    entries[key] = (version, tuple(weakref.ref(new) if ref() is old else ref for ref in refs))
 
 
 def record_packed(gm: fx.GraphModule, packed: PackedWeight) -> None:

@@ -242,3 +242,23 @@ def test_siblings_sharing_a_packed_buffer_are_declined():
     assert groups == []
     assert sorted(n.name for n, r in declined if r == "it shares a packed buffer with a sibling") == sorted(
         [q.name, k.name, v.name])
+
+
+def test_shared_packs_are_freed_with_the_graphs_that_hold_them():
+    import gc
+
+    from qhl.runtime.packed import pack_once
+
+    w = torch.randn(8, 16)
+    calls = []
+
+    def pack():
+        calls.append(1)
+        return (w * 2,)
+
+    held = pack_once(w, ("test",), pack)
+    assert pack_once(w, ("test",), pack)[0] is held[0] and len(calls) == 1
+    del held
+    gc.collect()
+    pack_once(w, ("test",), pack)  # nothing held it: packed again, not kept alive by the model
+    assert len(calls) == 2
