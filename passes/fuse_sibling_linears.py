@@ -190,7 +190,8 @@ def _fuse(source: fx.GraphModule, gm: fx.GraphModule, nodes: list[fx.Node]) -> N
             targets = [n.args[i].target for n in nodes]
             parts = [_attr(gm, t) for t in targets]
             whole = _already_fused(parts)
-            if whole is None:
+            reused = whole is not None
+            if not reused:
                 whole = torch.cat([t.detach() for t in parts])
             name = _buffer_name(gm, targets[0])
             gm.register_buffer(name, whole)
@@ -200,10 +201,10 @@ def _fuse(source: fx.GraphModule, gm: fx.GraphModule, nodes: list[fx.Node]) -> N
             # the views too, and their own fusion then finds the concatenation already made.
             offset = 0
             for t, part, rows in zip(targets, parts, n_rows):
-                view = whole[offset:offset + rows]
-                _set_attr(gm, t, view)
-                _set_attr(source, t, view)
-                if part is not view:
+                if not reused:  # (reused: the parts already are these views)
+                    view = whole[offset:offset + rows]
+                    _set_attr(gm, t, view)
+                    _set_attr(source, t, view)
                     replace_shared(part, view)
                 offset += rows
             args[i] = graph.get_attr(name)
