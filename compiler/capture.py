@@ -11,8 +11,9 @@ Both attach a `WeightRef` (WEIGHT_META) to each weight input, which is how passe
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import fx
@@ -20,7 +21,7 @@ from torch import fx
 from qhl.errors import CaptureError
 from qhl.graph import WEIGHT_META, WeightRef, source_to_path
 
-__all__ = ["bind_dynamo_weights", "weight_paths_from_dynamo", "capture_export"]
+__all__ = ["bind_dynamo_weights", "weight_paths_from_dynamo", "capture_export", "no_kv_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +99,25 @@ def _get_attr(gm: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+@contextlib.contextmanager
+def no_kv_cache(model: torch.nn.Module) -> Iterator[None]:
+    """transformers causal LMs return a KV cache object by default, which torch.export cannot
+    capture as an output; inspect and the ONNX export capture the full-sequence forward, so they
+    turn the cache off meanwhile (use_cache=False, restored after). Every
+    config among the model's modules is switched: an encoder-decoder (T5) gives its decoder stack
+    its own copy of the config, and that copy decides whether a cache is built."""
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if getattr(c, "use_cache", False) is True}
+    if not configs:
+        yield
+        return
+    log.info("capturing %s with use_cache=False (the KV cache is not part of the graph)", type(model).__name__)
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c.use_cache = True

@@ -30,7 +30,6 @@ either way: two products of at most 255 * 64 cannot saturate.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect as _inspect
 import logging
 import math
@@ -39,13 +38,13 @@ import pathlib
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
+from qhl.capture import no_kv_cache
 from qhl.errors import QhlError, UnsupportedError
 from qhl.graph import MATMUL_META, module_path_of
 
@@ -131,22 +130,6 @@ def _as_positional(model: torch.nn.Module, dynamic_shapes: Any, n: int) -> Any:
     if unknown:
         raise UnsupportedError(f"dynamic_shapes names {unknown} are not among forward()'s first {n} arguments {names}")
     return tuple(dynamic_shapes.get(name) for name in names)
-
-
-@contextlib.contextmanager
-def _no_kv_cache(model: torch.nn.Module) -> Iterator[None]:
-    """transformers causal LMs return a KV cache object torch.export cannot flatten; the ONNX
-    graph is the full-sequence forward, so export with config.use_cache=False (restored after)."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "use_cache", False):
-        yield
-        return
-    log.info("exporting %s with config.use_cache=False (the KV cache is not part of the ONNX graph)", type(model).__name__)
-    config.use_cache = False
-    try:
-        yield
-    finally:
-        config.use_cache = True
 
 
 def _node_path(node: fx.Node) -> str:
@@ -400,7 +383,7 @@ def export_onnx(
 
     from qhl.report import inspect as qhl_inspect
 
-    with _no_kv_cache(model):
+    with no_kv_cache(model):
         report = qhl_inspect(model, example_inputs, recipe=recipe, dynamic_shapes=dyn, **knobs)
     gm = report.graph_module
     check_translations(gm, table)

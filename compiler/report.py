@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from qhl.capture import capture_export
+from qhl.capture import capture_export, no_kv_cache
 from qhl.codegen.triton.emit import attach_kernel_sources
 from qhl.driver import PassRecord, run_passes
 from qhl.graph import MATMUL_META, MatmulInfo, matmul_infos
@@ -247,22 +246,6 @@ def _first_float(out: Any) -> torch.Tensor | None:
     return next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
 
 
-@contextlib.contextmanager
-def _no_kv_cache(model: torch.nn.Module):
-    """transformers causal LMs return a KV cache object by default, which torch.export cannot
-    capture as an output; inspect measures a plain forward, so it turns the cache off meanwhile."""
-    config = getattr(model, "config", None)
-    if config is None or not getattr(config, "use_cache", False):
-        yield
-        return
-    log.info("qhl.inspect: capturing with config.use_cache=False (KV caches are not part of the graph)")
-    config.use_cache = False
-    try:
-        yield
-    finally:
-        config.use_cache = True
-
-
 @torch.no_grad()
 def inspect(
     model: torch.nn.Module,
@@ -277,7 +260,7 @@ def inspect(
     rec = make_recipe(recipe, **knobs)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    with _no_kv_cache(model):
+    with no_kv_cache(model):
         ref = _first_float(model(*example_inputs))
         gm = capture_export(model, example_inputs, dynamic_shapes=dynamic_shapes)
     gm, records = run_passes(gm, rec, example_inputs, verify=verify)

@@ -102,7 +102,9 @@ def _warn_if_inexact(sess: Any, src: Any) -> None:
 
 def _feeds(sess: Any, example_inputs: Any) -> dict[str, np.ndarray]:
     leaves, _ = torch.utils._pytree.tree_flatten(example_inputs)
-    arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in leaves]
+    # An input left as None (an optional argument, e.g. (input_ids, None, decoder_input_ids)) is
+    # not an input of the exported graph.
+    arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in leaves if x is not None]
     names = [i.name for i in sess.get_inputs()]
     if len(arrays) < len(names):
         raise UnsupportedError(f"the ONNX model takes {len(names)} inputs {names}; got {len(arrays)}")

@@ -499,6 +499,24 @@ def test_config_model_export_all_forms(kind, tmp_path):
     assert _check_config_export(kind, tmp_path, "w8a8", overrides=MIXED) == set(FORMS)
 
 
+def test_encoder_decoder_export_turns_off_every_cache(tmp_path):
+    # T5 gives its decoder stack its own copy of the config, and that copy decides whether the
+    # forward returns an EncoderDecoderCache (which torch.export cannot flatten): switching off
+    # model.config alone failed the capture.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=200, d_model=64, d_ff=128, num_layers=1, num_heads=4, d_kv=16)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    assert model.decoder.config is not model.config and model.decoder.config.use_cache
+    before = [m.config.use_cache for m in model.modules() if hasattr(m, "config")]
+    gen = torch.Generator().manual_seed(0)
+    ids, dec = torch.randint(0, 200, (2, 9), generator=gen), torch.randint(0, 200, (2, 4), generator=gen)
+    res = export_onnx(model, (ids, None, dec), tmp_path / "t5.onnx", recipe="w8a8")  # (input_ids, attention_mask, decoder_input_ids)
+    assert len(res.report.rewritten) == 16  # encoder q/k/v/o + 2 FFN, decoder 2 x q/k/v/o + 2 FFN
+    assert qort.compare(res.path, res.report.graph_module, (ids, None, dec))["cosine"] >= 0.9999
+    assert [m.config.use_cache for m in model.modules() if hasattr(m, "config")] == before  # restored
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("QHL_RUN_SLOW"), reason="9 more exports (~2 min); QHL_RUN_SLOW=1")
 @pytest.mark.parametrize("form", FORMS)
