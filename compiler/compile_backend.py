@@ -161,7 +161,7 @@ class QhlBackend:
                 continue
             gm = result.gm
             compiled.passes.append(PassRecord(name, result.changed, dict(result.stats), before, gm.code,
-                                              time.perf_counter() - t0))
+                                              time.perf_counter() - t0, notes=list(result.notes)))
         return gm
 
     def _inductor_declines(self, kind: str, gm: fx.GraphModule, fake_inputs: list[Any]) -> str | None:

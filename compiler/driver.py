@@ -89,7 +89,8 @@ def run_passes(
         t0 = time.perf_counter()
         result = bind(name, recipe)(gm)
         gm = result.gm
-        record = PassRecord(name, result.changed, dict(result.stats), before, gm.code, time.perf_counter() - t0)
+        record = PassRecord(name, result.changed, dict(result.stats), before, gm.code, time.perf_counter() - t0,
+                            notes=list(result.notes))
         if verify and _owes_weights(gm):
             deferred.append(name)
             record.notes.append("verified together with the pass that settles its owed weight rewrites")

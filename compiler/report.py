@@ -131,6 +131,7 @@ class Report:
         for p in self.passes:
             stats = ", ".join(f"{k}={v}" for k, v in p.stats.items())
             lines.append(f"    {p.name:<22} changed={str(p.changed):<5} {stats}  ({p.seconds * 1e3:.0f} ms)")
+            lines += [f"      - {note}" for note in p.notes]
         lines += ["", _table(self.layers)]
         return "\n".join(lines)
 
@@ -149,6 +150,7 @@ class Report:
                     "stats": p.stats,
                     "seconds": p.seconds,
                     "verified_sqnr_db": _json_float(p.verified_sqnr_db),
+                    "notes": list(p.notes),
                     "before": p.before,
                     "after": p.after,
                 }

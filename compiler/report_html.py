@@ -56,6 +56,7 @@ def render_html(report: Report) -> str:
         stats = ", ".join(f"{k}={v}" for k, v in p.stats.items())
         parts.append(
             f"<details><summary>{_e(p.name)}: changed={p.changed}; {_e(stats)}; {p.seconds * 1e3:.0f} ms</summary>"
+            + "".join(f"<p>{_e(note)}</p>" for note in p.notes) +
             f"<p>before</p><pre>{_e(p.before)}</pre><p>after</p><pre>{_e(p.after)}</pre></details>"
         )
     parts.append("<h2>Emitted Triton kernels</h2>")

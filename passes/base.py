@@ -11,11 +11,13 @@ __all__ = ["PassResult", "GraphPass"]
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a pass returns: the (possibly rewritten) graph, whether it changed, and counts."""
+    """What a pass returns: the (possibly rewritten) graph, whether it changed, counts, and notes:
+    one line for each thing it declined that the layer table does not show, saying why."""
 
     gm: fx.GraphModule
     changed: bool
     stats: Mapping[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
 
 GraphPass = Callable[[fx.GraphModule], PassResult]

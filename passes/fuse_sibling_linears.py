@@ -97,6 +97,12 @@ def _signature(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | str:
     return tuple(key)
 
 
+def _layer(node: fx.Node) -> str:
+    """The layer's module path (the node's name where the graph lost it)."""
+    info = node.meta.get(MATMUL_META)
+    return info.path if info is not None and info.path else node.name
+
+
 def sibling_groups(gm: fx.GraphModule) -> tuple[list[list[fx.Node]], list[tuple[fx.Node, str]]]:
     """The groups of sibling qhl linears that fuse (each >= 2 nodes, in graph order), and the
     nodes that share x with a fusable sibling but can't join it, each with the reason."""
@@ -210,7 +216,7 @@ def _fuse(source: fx.GraphModule, gm: fx.GraphModule, nodes: list[fx.Node]) -> N
             args[i] = graph.get_attr(name)
             args[i].meta["val"] = whole
         fused = graph.call_function(first.target, tuple(args), dict(first.kwargs))
-        fused.meta[FUSED_FROM_META] = [n.meta[MATMUL_META].path if MATMUL_META in n.meta else n.name for n in nodes]
+        fused.meta[FUSED_FROM_META] = [_layer(n) for n in nodes]
         _set_val(fused, lambda: torch.cat([n.meta["val"] for n in nodes], -1))
         start = 0
         for node, rows in zip(nodes, n_rows):
@@ -225,14 +231,15 @@ def _fuse(source: fx.GraphModule, gm: fx.GraphModule, nodes: list[fx.Node]) -> N
 def fuse_sibling_linears(gm: fx.GraphModule) -> PassResult:
     groups, declined = sibling_groups(gm)
     stats = {"groups": len(groups), "fused_linears": sum(len(g) for g in groups), "declined": len(declined)}
-    for node, reason in declined:
-        log.debug("fuse_sibling_linears: %s stays unfused: %s", node.name, reason)
+    notes = tuple(f"{_layer(node)} stays unfused: {reason}" for node, reason in declined)
+    for note in notes:
+        log.debug("fuse_sibling_linears: %s", note)
     if not groups:
-        return PassResult(gm, False, stats)
+        return PassResult(gm, False, stats, notes)
     out, env = _copy(gm)
     for nodes in groups:
         _fuse(gm, out, [env[n] for n in nodes])
     out.graph.eliminate_dead_code()
     out.graph.lint()
     out.recompile()
-    return PassResult(out, True, stats)
+    return PassResult(out, True, stats, notes)

@@ -137,6 +137,8 @@ def test_declines_a_sibling_whose_arguments_differ_and_says_why():
     kept = copy.deepcopy(gm)
     res = fuse_sibling_linears(gm)
     assert dict(res.stats) == {"groups": 1, "fused_linears": 2, "declined": 1}
+    # The reason reaches the pass record (backend.graphs[i].passes[-1].notes), by layer path.
+    assert res.notes == (f"k stays unfused: {reason}",)
     [ref], [out] = run_graph(kept), run_graph(res.gm)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
@@ -150,6 +152,12 @@ def test_different_group_sizes_do_not_fuse():
     assert [sorted(n.meta["qhl_matmul"].path for n in g) for g in groups] == [["q", "v"]]
     assert [(n.meta["qhl_matmul"].path, r.split(" reading")[0]) for n, r in declined] == [
         ("k", "its op or arguments differ from every other linear")]
+    # Through the compile door, the reason is in the graph's pass record.
+    _, be = compile_run(model, (x,), recipe)
+    [graph] = be.graphs
+    record = graph.passes[-1]
+    assert record.name == "fuse_sibling_linears" and record.stats["fused_linears"] == 2, graph.codegen_reason
+    assert [n.split(" reading")[0] for n in record.notes] == ["k stays unfused: its op or arguments differ from every other linear"]
 
 
 def test_a_lone_linear_and_a_float_graph_are_left_alone():

@@ -2,6 +2,7 @@
 records, kernel sources, and the `qhl inspect` command line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -115,6 +116,18 @@ def test_pass_records_have_before_and_after(mlp_report):
     assert "torch.ops.qhl.w8a8_linear.default" not in quantize.before
     assert quantize.after.count("torch.ops.qhl.w8a8_linear.default") == 2
     assert report.passes[1].before == report.passes[1].after  # select_layers is bookkeeping
+
+
+def test_pass_notes_are_shown_in_text_json_and_html(mlp_report, tmp_path):
+    # Notes are what a pass declined that the layer table does not show (fuse_sibling_linears'
+    # reasons); the module's report is shared, so the note goes on a copy.
+    _, _, report = mlp_report
+    note = "fc2 stays unfused: its op or arguments differ"
+    noted = dataclasses.replace(report, passes=[dataclasses.replace(report.passes[0], notes=[note])] + report.passes[1:])
+    assert f"      - {note}" in str(noted) and f"- {note}" not in str(report)
+    assert json.loads(noted.to_json())["passes"][0]["notes"] == [note]
+    noted.to_html(tmp_path / "r.html")
+    assert note in (tmp_path / "r.html").read_text()
 
 
 def test_graph_module_is_runnable(mlp_report):
