@@ -129,7 +129,7 @@ class QhlBackend:
 
         reason = self._inductor_declines(kind, gm, fake_inputs)
         if reason is None:
-            t0 = time.perf_counter()
+            t0, n_records = time.perf_counter(), len(compiled.passes)
             try:
                 runner = inductor_cpu.compile_inference_graph(self._codegen_passes(gm, compiled), fake_inputs)
                 compiled.codegen = "inductor"
@@ -143,13 +143,23 @@ class QhlBackend:
             except Exception as e:  # noqa: BLE001 - the GraphModule below is always a correct fallback
                 reason = f"Inductor failed ({type(e).__name__}: {str(e).strip()[:300]})"
                 log.warning("qhl: %s graph runs op by op: %s", kind, reason)
+            # The GraphModule below is the graph before the codegen passes (the one that failed
+            # may be the fused one); their records say so.
+            for record in compiled.passes[n_records:]:
+                record.notes.append("not used: Inductor failed and the graph before this pass runs op by op")
+            compiled.codegen_reason = reason
+            return make_boxed_func(GuardedGraph(gm))
         compiled.codegen_reason = reason
-        return make_boxed_func(GuardedGraph(gm))
+        # Op by op (CUDA's Triton kernels, or CPU faces), an inference graph still gets the codegen
+        # passes: one op call (one kernel launch) for q/k/v instead of three. Training graphs keep
+        # one op per layer (their backward saves each layer's own activations).
+        run = self._codegen_passes(gm, compiled) if kind == "inference" else gm
+        return make_boxed_func(GuardedGraph(run))
 
     def _codegen_passes(self, gm: fx.GraphModule, compiled: CompiledGraph) -> fx.GraphModule:
-        """The graph Inductor compiles: gm after the CODEGEN passes the recipe enables, each
-        recorded in compiled.passes. gm itself (the layer table's graph, and the fallback should
-        Inductor fail) keeps one node per layer."""
+        """The graph that runs (compiled by Inductor, or op by op): gm after the CODEGEN passes the
+        recipe enables, each recorded in compiled.passes. gm itself (the layer table's graph, and
+        the fallback should Inductor fail) keeps one node per layer."""
         names = [name for name in CODEGEN if name != "fuse_sibling_linears" or self.recipe.fuse_siblings]
         for name in names:
             before, t0 = gm.code, time.perf_counter()

@@ -186,6 +186,55 @@ def test_compile_door_fuses_before_inductor_and_keeps_the_layer_table(tokens):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_op_by_op_inference_graphs_fuse_too(monkeypatch):
+    from qhl.codegen import w8a16
+
+    # cpu_codegen="spec" runs the GraphModule op by op, as CUDA does with its Triton kernels: the
+    # fused graph makes one op call for q/k/v instead of three.
+    torch.manual_seed(0)
+    model, x = _Attention(bias=True).eval(), torch.randn(1, 3, 64)
+    ref, _ = compile_run(model, (x,), "w8a16", cpu_codegen="spec", fuse_siblings=False)
+    calls = []
+    spec = w8a16.w8a16_linear_spec
+    monkeypatch.setattr(w8a16, "w8a16_linear_spec", lambda x, w, *a: calls.append(w.shape[0]) or spec(x, w, *a))
+    out, be = compile_run(model, (x,), "w8a16", cpu_codegen="spec")
+    [graph] = be.graphs
+    assert graph.codegen == "graph" and graph.passes[-1].name == "fuse_sibling_linears" and graph.passes[-1].changed
+    assert calls == [64 + 32 + 32, 64]  # q/k/v fused (their rows), and o
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_training_graphs_are_not_fused():
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(1, 3, 64, requires_grad=True)
+    torch._dynamo.reset()
+    be = qhl.backend("w8a16")
+    torch.compile(model, backend=be)(x).sum().backward()
+    torch._dynamo.reset()
+    assert {g.kind for g in be.graphs} == {"forward", "backward"}
+    assert all(p.name != "fuse_sibling_linears" for g in be.graphs for p in g.passes)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_failed_inductor_compile_runs_the_unfused_graph_and_says_so(monkeypatch):
+    from qhl.runtime import inductor_cpu
+
+    def fail(gm, fake_inputs):
+        raise RuntimeError("no compiler today")
+
+    torch.manual_seed(0)
+    model, x = _Attention().eval(), torch.randn(1, 2, 64)
+    ref, _ = compile_run(model, (x,), "w8a16", fuse_siblings=False, cpu_codegen="spec")
+    monkeypatch.setattr(inductor_cpu, "compile_inference_graph", fail)
+    out, be = compile_run(model, (x,), "w8a16")
+    [graph] = be.graphs
+    assert graph.codegen == "graph" and "no compiler today" in graph.codegen_reason
+    record = graph.passes[-1]
+    assert record.name == "fuse_sibling_linears" and record.notes == [
+        "not used: Inductor failed and the graph before this pass runs op by op"]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_fuse_siblings_is_a_recipe_knob_that_round_trips():
     r = qhl.recipe("w8a8", fuse_siblings=False)
     assert r.fuse_siblings is False and qhl.Recipe.from_json(r.to_json()) == r
