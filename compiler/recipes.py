@@ -123,8 +123,8 @@ class Recipe:
     # graph whole (fused quantize/dequantize around the int8 GEMMs; runtime/inductor_cpu.py),
     # "spec" runs the GraphModule, each qhl op on its CPU face (no C++ compile; faster to compile).
     cpu_codegen: str = "inductor"
-    # With cpu_codegen="inductor": quantized linears that read the same x (q/k/v, gate/up) run as
-    # one, their weights concatenated (passes/fuse_sibling_linears.py; exact).
+    # In torch.compile's inference graphs: quantized linears that read the same x (q/k/v, gate/up)
+    # run as one, their weights concatenated (passes/fuse_sibling_linears.py; exact).
     fuse_siblings: bool = True
     version: int = RECIPE_VERSION
     description: str = ""

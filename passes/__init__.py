@@ -32,7 +32,8 @@ PASSES = {
     "quantize_linear": quantize_linear,  # canonical linear -> qhl:: quantized ops
     "fold_weight_transforms": fold_weight_transforms,  # float weights still owed a rotation
     "adapter_layers": adapter_layers,  # fused adapters in the layer table; int4 base of gralora-w4a16
-    # Codegen only (CODEGEN): the CPU Inductor door runs it on the graph it compiles; recipes don't list it.
+    # Codegen only (CODEGEN): the torch.compile door runs it on each inference graph (Inductor's or
+    # op by op); recipes don't list it.
     "fuse_sibling_linears": fuse_sibling_linears,  # q/k/v (gate/up) reading one x -> one qhl linear + slices
 }
 _NEEDS_RECIPE = {"select_layers", "rotate_residual", "rotate_online", "adapter_layers"}

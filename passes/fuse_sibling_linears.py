@@ -12,8 +12,9 @@ Exact, not approximate: each output channel keeps its own rows of the weight, sc
 and bias, and x's quantization (per token, or a per-token Hadamard rotation) depends on x alone,
 which the siblings share; so every output element is the spec's, computed as before.
 
-A codegen pass: the torch.compile door runs it on the CPU inference graph it hands to Inductor
-(recipe knob `fuse_siblings`, on by default). Recipes, `qhl.inspect` and ONNX export keep one node
+A codegen pass: the torch.compile door runs it on each inference graph just before Inductor
+compiles it or before it runs op by op (CUDA's Triton kernels, CPU faces); recipe knob
+`fuse_siblings`, on by default. Training graphs are not fused. Recipes, `qhl.inspect` and ONNX export keep one node
 per layer, so the layer table and the exported file still name every layer. It returns a new
 GraphModule; the input graph's packed buffers become row views of the concatenated ones, so the
 two graphs share memory and `refresh`'s in-place re-pack of a changed weight reaches both.
