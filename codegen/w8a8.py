@@ -75,7 +75,9 @@ def _cpu_plan(m: int, n: int, k: int) -> str:
 # for K < 2^31 / (127 * 128) ~ 132000.
 _u8_compensation = DerivedCache(lambda w_int8: w_int8.sum(dim=1, dtype=torch.int32).mul_(128))
 # the weight's codes as float32 [N, K], for the 'f32' plan (no fast int8 GEMM on this CPU)
-_float_codes = DerivedCache(lambda w_int8: w_int8.float())
+# The weight's codes as float32 for plan 'f32', shared with the graphs that hold them as constants
+# (passes/float_codes_gemm.py), so a re-pack re-derives them in place.
+float_codes = DerivedCache(lambda w_int8: w_int8.float(), in_place=True)
 
 
 def int8_linear_cpu(
@@ -104,7 +106,7 @@ def int8_linear_cpu(
             y = cpu_fused.int8_gemv_bits(codes.float(), w_int8, ws)
             if y is not None:
                 return cpu_fused.epilogue_scaled(y, xs, bias, out_dtype)
-        acc = torch.mm(codes.float(), _float_codes(w_int8).t())
+        acc = torch.mm(codes.float(), float_codes(w_int8).t())
         return cpu_fused.epilogue_rows(acc, None, ws, xs, bias, out_dtype)
     if plan == "onednn":
         return cpu_fused.epilogue_scaled(cpu_onednn.int8_mm_scaled_cpu(codes, w_int8, ws), xs, bias, out_dtype)
@@ -142,7 +144,7 @@ def int8_gemm_cpu(codes: Tensor, w_int8: Tensor, ws: Tensor) -> Tensor:
     m, k = codes.shape
     n = w_int8.shape[0]
     if not cpu_onednn.int8_gemm_is_fast():  # plan 'f32': exact products, float32 sums
-        return torch.mm(codes.float(), _float_codes(w_int8).t()).mul_(ws)
+        return torch.mm(codes.float(), float_codes(w_int8).t()).mul_(ws)
     if m <= _ROWWISE_MAX_M:
         xq = codes if codes.dtype == torch.int8 else codes.to(torch.int8)
         if m == 1:

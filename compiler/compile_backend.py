@@ -25,7 +25,7 @@ from qhl.capture import bind_dynamo_weights, weight_paths_from_dynamo
 from qhl.codegen.triton.emit import attach_kernel_sources
 from qhl.driver import PassRecord, run_passes
 from qhl.graph import TRAINING_META, MatmulInfo, matmul_infos
-from qhl.passes import CODEGEN, PRE_AOT, bind
+from qhl.passes import CODEGEN, INDUCTOR_ONLY, PRE_AOT, bind
 from qhl.passes.lower_adapters import DECLINED_META, GRAPH_KIND_META
 from qhl.recipes import DEFAULT_RECIPE, Recipe, recipe
 from qhl.codegen import cpu_fused
@@ -131,7 +131,7 @@ class QhlBackend:
         if reason is None:
             t0, n_records = time.perf_counter(), len(compiled.passes)
             try:
-                runner = inductor_cpu.compile_inference_graph(self._codegen_passes(gm, compiled), fake_inputs)
+                runner = inductor_cpu.compile_inference_graph(self._codegen_passes(gm, compiled, inductor=True), fake_inputs)
                 compiled.codegen = "inductor"
                 compiled.codegen_seconds = time.perf_counter() - t0
                 return runner
@@ -153,14 +153,15 @@ class QhlBackend:
         # Op by op (CUDA's Triton kernels, or CPU faces), an inference graph still gets the codegen
         # passes: one op call (one kernel launch) for q/k/v instead of three. Training graphs keep
         # one op per layer (their backward saves each layer's own activations).
-        run = self._codegen_passes(gm, compiled) if kind == "inference" else gm
+        run = self._codegen_passes(gm, compiled, inductor=False) if kind == "inference" else gm
         return make_boxed_func(GuardedGraph(run))
 
-    def _codegen_passes(self, gm: fx.GraphModule, compiled: CompiledGraph) -> fx.GraphModule:
+    def _codegen_passes(self, gm: fx.GraphModule, compiled: CompiledGraph, inductor: bool) -> fx.GraphModule:
         """The graph that runs (compiled by Inductor, or op by op): gm after the CODEGEN passes the
         recipe enables, each recorded in compiled.passes. gm itself (the layer table's graph, and
         the fallback should Inductor fail) keeps one node per layer."""
-        names = [name for name in CODEGEN if name != "fuse_sibling_linears" or self.recipe.fuse_siblings]
+        names = [name for name in CODEGEN if (name != "fuse_sibling_linears" or self.recipe.fuse_siblings)
+                 and (inductor or name not in INDUCTOR_ONLY)]
         for name in names:
             before, t0 = gm.code, time.perf_counter()
             try:

@@ -11,6 +11,7 @@ from functools import partial
 from qhl.passes.adapter_layers import adapter_layers
 from qhl.passes.base import GraphPass, PassResult
 from qhl.passes.canonicalize_matmuls import canonicalize_matmuls
+from qhl.passes.float_codes_gemm import float_codes_gemm
 from qhl.passes.fold_weight_transforms import fold_weight_transforms
 from qhl.passes.fuse_sibling_linears import fuse_sibling_linears
 from qhl.passes.lower_adapters import lower_adapters
@@ -20,7 +21,7 @@ from qhl.passes.rotate_online import rotate_online
 from qhl.passes.rotate_residual import rotate_residual
 from qhl.passes.select_layers import select_layers
 
-__all__ = ["PASSES", "PassResult", "GraphPass", "bind", "LOSSLESS", "PRE_AOT", "CODEGEN"]
+__all__ = ["PASSES", "PassResult", "GraphPass", "bind", "LOSSLESS", "PRE_AOT", "CODEGEN", "INDUCTOR_ONLY"]
 
 PASSES = {
     "lower_adapters": lower_adapters,  # base matmul + GraLoRA/LoRA adapter -> qhl.gralora_linear
@@ -32,17 +33,19 @@ PASSES = {
     "quantize_linear": quantize_linear,  # canonical linear -> qhl:: quantized ops
     "fold_weight_transforms": fold_weight_transforms,  # float weights still owed a rotation
     "adapter_layers": adapter_layers,  # fused adapters in the layer table; int4 base of gralora-w4a16
-    # Codegen only (CODEGEN): the torch.compile door runs it on each inference graph (Inductor's or
-    # op by op); recipes don't list it.
+    # Codegen only (CODEGEN): the torch.compile door runs them on inference graphs; recipes don't list them.
     "fuse_sibling_linears": fuse_sibling_linears,  # q/k/v (gate/up) reading one x -> one qhl linear + slices
+    "float_codes_gemm": float_codes_gemm,  # w8a8 at many tokens, no fast int8 GEMM -> aten ops for Inductor
 }
 _NEEDS_RECIPE = {"select_layers", "rotate_residual", "rotate_online", "adapter_layers"}
 # Passes the torch.compile door also runs on Dynamo's torch-level graph, before AOTAutograd
 # splits forward and backward (so a fused op's own autograd is what trains).
 PRE_AOT = ("lower_adapters",)
-# Passes the torch.compile door runs on a CPU inference graph just before Inductor compiles it
-# (recipe knob fuse_siblings), after the layer table is taken: they change how, not what, it computes.
-CODEGEN = ("fuse_sibling_linears",)
+# Passes the torch.compile door runs on an inference graph after the layer table is taken, just
+# before Inductor compiles it or it runs op by op: they change how, not what, it computes. Those in
+# INDUCTOR_ONLY write aten ops that only pay off compiled. Recipe knob fuse_siblings turns the first off.
+CODEGEN = ("fuse_sibling_linears", "float_codes_gemm")
+INDUCTOR_ONLY = frozenset({"float_codes_gemm"})
 # Passes that must not change the graph's numbers (verify mode checks them with a tight tolerance).
 # 80 dB: float32 accumulation-order noise. Rotations are exact in real arithmetic and only move
 # float32 rounding: they are held to the same floor.

@@ -35,7 +35,7 @@ import torch
 from torch import fx
 
 from qhl.graph import MATMUL_META
-from qhl.passes.base import PassResult
+from qhl.passes.base import PassResult, copy_graph_module
 from qhl.runtime.packed import replace_shared
 
 __all__ = ["fuse_sibling_linears", "sibling_groups", "FUSABLE_OPS", "FUSED_FROM_META"]
@@ -138,16 +138,6 @@ def sibling_groups(gm: fx.GraphModule) -> tuple[list[list[fx.Node]], list[tuple[
     return groups, declined
 
 
-def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env)
-    graph.output(out)
-    copy = fx.GraphModule(gm, graph)
-    copy.meta = dict(gm.meta)
-    return copy, env
-
-
 def _buffer_name(gm: fx.GraphModule, first: str) -> str:
     base = "qhl_fused_" + re.sub(r"[^0-9A-Za-z_]", "_", first)
     name, i = base, 1
@@ -237,7 +227,7 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> PassResult:
         log.debug("fuse_sibling_linears: %s", note)
     if not groups:
         return PassResult(gm, False, stats, notes)
-    out, env = _copy(gm)
+    out, env = copy_graph_module(gm)
     for nodes in groups:
         _fuse(gm, out, [env[n] for n in nodes])
     out.graph.eliminate_dead_code()

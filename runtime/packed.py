@@ -53,14 +53,17 @@ class DerivedCache:
 
     An entry is dropped when its buffer changes: its version counter moves (any in-place write to
     a normal tensor), or `refresh` re-packs it (the on_repack hook, which also covers inference
-    tensors: they have no version counter).
+    tensors: they have no version counter). With in_place=True a re-pack instead derives the
+    entry again into the same tensor, for derived tensors that compiled graphs hold as constants
+    (passes/float_codes_gemm.py).
     """
 
-    def __init__(self, derive: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, derive: Callable[[torch.Tensor], torch.Tensor], in_place: bool = False):
         self._derive = derive
+        self._in_place = in_place
         self._entries = WeakIdKeyDictionary()  # buffer -> (its version when derived, derived tensor)
         self._lock = threading.Lock()
-        on_repack(self.forget)
+        on_repack(self._repacked)
 
     @staticmethod
     def _version(t: torch.Tensor) -> int | None:
@@ -86,6 +89,16 @@ class DerivedCache:
     def forget(self, buffer: torch.Tensor) -> None:
         with self._lock:
             self._entries.pop(buffer, None)
+
+    def _repacked(self, buffer: torch.Tensor) -> None:
+        hit = self._entries.get(buffer) if self._in_place else None
+        if hit is None:
+            self.forget(buffer)
+            return
+        with torch.inference_mode(False):
+            hit[1].copy_(self._derive(buffer))
+        with self._lock:
+            self._entries[buffer] = (self._version(buffer), hit[1])
 
 
 # Packed weights shared by the graphs one model compiles into (a prompt graph, a decode graph, one

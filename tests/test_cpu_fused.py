@@ -96,7 +96,7 @@ def test_float_plan_without_a_fast_int8_gemm(m, int8_gemm):
     got = w8a8.int8_linear_cpu(x, wq, ws, b, torch.float32)
     assert _rel_err(got, want) < 2e-7
     # (a weight this small takes the float32 GEMM at 1 token too: int8_bits_gemv_worthwhile)
-    assert w8a8._float_codes.get(wq) is not None and w8a8._float_codes(wq).dtype == torch.float32
+    assert w8a8.float_codes.get(wq) is not None and w8a8.float_codes(wq).dtype == torch.float32
     assert _rel_err(w8a8.int8_gemm_cpu(quant.quantize_per_token(x)[0], wq, ws),
                     torch._int_mm(quant.quantize_per_token(x)[0], wq.t()).float() * ws) < 2e-7  # eager face
 
@@ -294,10 +294,11 @@ def test_inductor_graph_fuses_the_prologue_and_epilogue_around_the_int8_gemm(mon
     assert "qhl.w8a8_linear" not in source.replace("Original ATen: [qhl.w8a8_linear]", "")
 
 
-def test_inductor_graph_keeps_the_op_where_int8_gemms_are_slow(int8_gemm):
-    """Without a fast int8 GEMM the decomposition declines: each w8a8 layer stays a call to its CPU
-    face ('f32' plan, float32 codes cached once per weight), Inductor compiles the rest, and the
-    result is the int8 plans' to float32 accumulation noise."""
+def test_inductor_graph_lowers_w8a8_to_a_float_gemm_where_int8_gemms_are_slow(int8_gemm):
+    """Without a fast int8 GEMM, at 5+ tokens, the float_codes_gemm pass writes each w8a8 layer's
+    'f32' plan into the graph (per-token codes, a float32 GEMM against the float32 codes, the
+    dequantize): no call of the op is left, Inductor fuses the rest, and the result is the int8
+    plans' to float32 accumulation noise."""
     from torch._inductor.utils import run_and_get_code
 
     model, x = _stack(256), torch.randn(16, 256)
@@ -310,7 +311,10 @@ def test_inductor_graph_keeps_the_op_where_int8_gemms_are_slow(int8_gemm):
         out, codes = run_and_get_code(torch.compile(model, backend=be), x)
     source = "\n".join(codes)
     assert [g.codegen for g in be.graphs] == ["inductor"]
-    assert source.count("torch.ops.qhl.w8a8_linear.default(") == 3 and "_int_mm(" not in source
+    assert "torch.ops.qhl.w8a8_linear.default(" not in source and "_int_mm(" not in source
+    assert source.count("extern_kernels.mm(") == 3
+    [record] = [p for p in be.graphs[0].passes if p.name == "float_codes_gemm"]
+    assert record.stats == {"lowered": 3, "kept": 0}
     assert _rel_err(out, want) < 1e-6
 
 
@@ -487,7 +491,7 @@ def test_avx2_few_token_layers_are_lowered_into_the_inductor_graph(recipe, int8_
     compiled code (each such call cost ~250-500 us of dispatch and Dynamo overhead, which made
     SmolLM2's decode slower than eager; hadamard-w4a8 keeps its rotate-and-quantize prologue op),
     and the result is the op-by-op graph's to float32 rounding. At 5 tokens, and for w4a16 with a
-    group of 32, the op stays a call to its CPU face."""
+    group of 32, the op stays a call to its CPU face, except w8a8's (float_codes_gemm lowers it)."""
     from torch._inductor.utils import run_and_get_code
 
     int8_gemm("float")
@@ -508,7 +512,8 @@ def test_avx2_few_token_layers_are_lowered_into_the_inductor_graph(recipe, int8_
         assert [g.codegen for g in be.graphs] == ["inductor"]
         source = "\n".join(codes)
         calls = source.count(f"torch.ops.qhl.{form}_linear.default(")
-        assert calls == (0 if tokens <= cpu_fused.BITS_GEMV_MAX_TOKENS and group == 64 else 2), (tokens, group)
+        lowered = (tokens <= cpu_fused.BITS_GEMV_MAX_TOKENS and group == 64) or recipe == "w8a8"
+        assert calls == (0 if lowered else 2), (tokens, group)
         if recipe.startswith("hadamard-") and calls == 0:
             assert source.count("torch.ops.qhl.hadamard_quantize_per_token.default(") == 2
         assert _rel_err(out, ref) < 1e-5, (tokens, group)

@@ -416,14 +416,16 @@ def test_quantize_leaves_unselected_layers_and_keeps_lm_head_float():
 
 
 def test_registry_order_and_meta_key():
-    from qhl.passes import CODEGEN, PRE_AOT
+    from qhl.passes import CODEGEN, INDUCTOR_ONLY, PRE_AOT
 
     assert list(PASSES) == [
         "lower_adapters", "merge_adapters", "canonicalize_matmuls", "select_layers", "rotate_residual",
         "rotate_online", "quantize_linear", "fold_weight_transforms", "adapter_layers", "fuse_sibling_linears",
+        "float_codes_gemm",
     ]
     assert PRE_AOT == ("lower_adapters",)
-    assert CODEGEN == ("fuse_sibling_linears",)  # run by the CPU Inductor door, listed by no recipe
+    # run by the torch.compile door on inference graphs (the second only before Inductor), listed by no recipe
+    assert CODEGEN == ("fuse_sibling_linears", "float_codes_gemm") and INDUCTOR_ONLY == {"float_codes_gemm"}
     assert not any(set(CODEGEN) & set(qhl.recipe(name).passes) for name in qhl.recipes())
     assert MATMUL_META == "qhl_matmul"
 

@@ -1,0 +1,139 @@
+"""float_codes_gemm: w8a8 at many tokens, on a CPU without a fast int8 GEMM, as aten ops for Inductor.
+
+    y = qhl.w8a8_linear(x, Wq, s_w, b)   ->   q, s_x = per-token codes of x (as float32)
+                                              y = ((q @ Wf^T) * s_w) * s_x (+ b)      Wf = float32(Wq)
+
+Where the CPU has AVX2 alone (codegen/cpu_onednn.int8_gemm_is_fast() is False), PyTorch's int8
+GEMM is 3-25x slower than float32's, so w8a8's CPU face runs "plan f32": a float32 GEMM over the
+integer codes against the weight's codes kept as float32 once per weight (every product is exact,
+|q * Wq| <= 127^2; the sums are float32's). At 1-4 static tokens Inductor lowers the op to its
+bit-mask GEMV decomposition; at more tokens, or a dynamic count, it stayed an opaque call whose
+per-token prologue and dequantize epilogue ran as two separately compiled helper calls, ~100 us
+each: on SmolLM2 at 128 tokens, 210 layers made the compiled prompt slower than eager float32.
+
+This pass writes that plan into the graph itself, in the spec's order of operations, with Wf a
+constant of the graph (the same float32 codes the CPU face caches: codegen/w8a8.float_codes, shared
+by a model's graphs and re-derived in place when `refresh` re-packs the int8 codes). Inductor then
+fuses the prologue into the ops before it (RMSNorm, the previous layer's epilogue) and the
+epilogue into the ops after it, around one extern float32 GEMM.
+
+A codegen pass: the torch.compile door runs it only on graphs Inductor compiles (passes.CODEGEN,
+INDUCTOR_ONLY). The layer table keeps the w8a8 form: what runs is the same math.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, fx
+
+from qhl.codegen import cpu_fused, cpu_onednn, w8a8
+from qhl.graph import MATMUL_META
+from qhl.passes.base import PassResult, copy_graph_module
+
+__all__ = ["float_codes_gemm", "FLOAT_GEMM_META"]
+
+log = logging.getLogger(__name__)
+
+FLOAT_GEMM_META = "qhl_float_gemm"  # the lowered result's meta: the layer path it computes
+
+
+def _with_bias(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor) -> Tensor:
+    codes, xs = w8a8.per_token_codes_decomposed(x)
+    return (((codes @ w_codes.t()) * w_scale.float()) * xs + bias.float()).type_as(x)
+
+
+def _without_bias(x: Tensor, w_codes: Tensor, w_scale: Tensor) -> Tensor:
+    codes, xs = w8a8.per_token_codes_decomposed(x)
+    return (((codes @ w_codes.t()) * w_scale.float()) * xs).type_as(x)
+
+
+_TEMPLATES: dict[bool, fx.GraphModule] = {}
+
+
+def _template(bias: bool) -> fx.GraphModule:
+    if bias not in _TEMPLATES:
+        _TEMPLATES[bias] = fx.symbolic_trace(_with_bias if bias else _without_bias)
+    return _TEMPLATES[bias]
+
+
+def _attr(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _decline(node: fx.Node) -> Optional[str]:
+    """Why this w8a8 node keeps its op, or None if it lowers."""
+    x, w = node.args[0], node.args[1]
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return "its weight is not a constant of the graph"
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return "its input has no shape recorded"
+    if val.device.type != "cpu":
+        return f"its input is on {val.device.type}"
+    lead = val.shape[:-1]
+    if all(isinstance(d, int) for d in lead) and 1 <= math.prod(lead) <= cpu_fused.BITS_GEMV_MAX_TOKENS:
+        return f"{math.prod(lead)} token(s): the bit-mask GEMV decomposition reads the int8 codes"
+    return None
+
+
+def _inline(graph: fx.Graph, template: fx.GraphModule, args: list[Any]) -> fx.Node:
+    env: dict[fx.Node, Any] = {}
+    placeholders = iter(args)
+    out = None
+    for t in template.graph.nodes:
+        if t.op == "placeholder":
+            env[t] = next(placeholders)
+        elif t.op == "output":
+            out = env[t.args[0]]
+        else:
+            env[t] = graph.node_copy(t, lambda n: env[n])
+    assert out is not None
+    return out
+
+
+def _layer(node: fx.Node) -> str:
+    info = node.meta.get(MATMUL_META)
+    return info.path if info is not None and info.path else node.name
+
+
+def float_codes_gemm(gm: fx.GraphModule) -> PassResult:
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.qhl.w8a8_linear.default]
+    if not nodes or cpu_onednn.int8_gemm_is_fast():
+        why = "this CPU has a fast int8 GEMM" if nodes else None
+        return PassResult(gm, False, {"lowered": 0, "kept": len(nodes)}, (f"nothing lowered: {why}",) if why else ())
+    lowered, notes = 0, []
+    buffers: dict[str, str] = {}
+    if any(_decline(node) is None for node in nodes):
+        gm, env = copy_graph_module(gm)  # the input graph keeps its ops
+        nodes = [env[n] for n in nodes]
+    for node in nodes:
+        why = _decline(node)
+        if why is not None:
+            notes.append(f"{_layer(node)} keeps its op: {why}")
+            continue
+        x, w, w_scale, bias = node.args
+        if w.target not in buffers:
+            name = "qhl_f32codes_" + re.sub(r"[^0-9A-Za-z_]", "_", w.target)
+            gm.register_buffer(name, w8a8.float_codes(_attr(gm, w.target)))
+            buffers[w.target] = name
+        with gm.graph.inserting_before(node):
+            codes = gm.graph.get_attr(buffers[w.target])
+            args = [x, codes, w_scale] + ([bias] if bias is not None else [])
+            out = _inline(gm.graph, _template(bias is not None), args)
+        out.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+        out.meta[FLOAT_GEMM_META] = _layer(node)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        lowered += 1
+    if lowered:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, lowered > 0, {"lowered": lowered, "kept": len(nodes) - lowered}, tuple(notes))
