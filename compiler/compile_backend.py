@@ -36,6 +36,9 @@ __all__ = ["QhlBackend", "CompiledGraph", "backend", "qhl_backend"]
 
 log = logging.getLogger(__name__)
 
+# The recipe knob that turns each codegen pass on.
+_CODEGEN_KNOBS = {"fuse_sibling_linears": "fuse_siblings", "float_codes_gemm": "float_gemm"}
+
 
 @dataclass
 class CompiledGraph:
@@ -160,7 +163,7 @@ class QhlBackend:
         """The graph that runs (compiled by Inductor, or op by op): gm after the CODEGEN passes the
         recipe enables, each recorded in compiled.passes. gm itself (the layer table's graph, and
         the fallback should Inductor fail) keeps one node per layer."""
-        names = [name for name in CODEGEN if (name != "fuse_sibling_linears" or self.recipe.fuse_siblings)
+        names = [name for name in CODEGEN if getattr(self.recipe, _CODEGEN_KNOBS[name])
                  and (inductor or name not in INDUCTOR_ONLY)]
         for name in names:
             before, t0 = gm.code, time.perf_counter()

@@ -126,6 +126,10 @@ class Recipe:
     # In torch.compile's inference graphs: quantized linears that read the same x (q/k/v, gate/up)
     # run as one, their weights concatenated (passes/fuse_sibling_linears.py; exact).
     fuse_siblings: bool = True
+    # On a CPU without a fast int8 GEMM (AVX2 alone): w8a8 at 5+ tokens written into Inductor's
+    # graph as a float32 GEMM over the codes, fused with its neighbours (passes/float_codes_gemm.py):
+    # faster calls, a longer first compile.
+    float_gemm: bool = True
     version: int = RECIPE_VERSION
     description: str = ""
 
@@ -356,7 +360,7 @@ KNOBS = (
     "rotation", "hadamard_block", "hadamard_seed", "hadamard_dtype",
     "adapter", "r", "k", "hybrid_r", "alpha", "dropout",
     "budget", "rank", "lowrank_k", "lowrank_iters", "cpu_codegen",
-    "fuse_siblings",
+    "fuse_siblings", "float_gemm",
 )
 
 

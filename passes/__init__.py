@@ -43,7 +43,7 @@ _NEEDS_RECIPE = {"select_layers", "rotate_residual", "rotate_online", "adapter_l
 PRE_AOT = ("lower_adapters",)
 # Passes the torch.compile door runs on an inference graph after the layer table is taken, just
 # before Inductor compiles it or it runs op by op: they change how, not what, it computes. Those in
-# INDUCTOR_ONLY write aten ops that only pay off compiled. Recipe knob fuse_siblings turns the first off.
+# INDUCTOR_ONLY write aten ops that only pay off compiled. Recipe knobs fuse_siblings and float_gemm.
 CODEGEN = ("fuse_sibling_linears", "float_codes_gemm")
 INDUCTOR_ONLY = frozenset({"float_codes_gemm"})
 # Passes that must not change the graph's numbers (verify mode checks them with a tight tolerance).

@@ -139,3 +139,20 @@ def test_a_dynamic_token_count_is_lowered_and_exact_at_every_count(int8_gemm):
     assert record.stats == {"lowered": 2, "kept": 0}
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_the_float_gemm_knob_keeps_the_op_call(int8_gemm):
+    """float_gemm=False: a shorter first compile, the op stays a call to its CPU face."""
+    int8_gemm("float")
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(2, 5, 64)
+    ref, _ = _spec_run(model, x)
+    r = qhl.recipe("w8a8", float_gemm=False)
+    assert qhl.Recipe.from_json(r.to_json()) == r and qhl.recipe("w8a8").float_gemm is True
+    torch._dynamo.reset()
+    be = qhl.backend(r)
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(x)
+    torch._dynamo.reset()
+    assert be.graphs[0].codegen == "inductor" and "float_codes_gemm" not in [p.name for p in be.graphs[0].passes]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
