@@ -43,7 +43,7 @@ def main() -> None:
                          seconds=time.perf_counter() - t0))
         log.info("%s: SQNR %.2f dB, ppl %.3f", name, rows[-1]["sqnr_db"], rows[-1]["ppl"])
     f32 = rows[0]["ppl"]
-    md = [f"# qhl fidelity, SmolLM2-135M, 4 x 512 news tokens (qhl rows only)", "",
+    md = ["# qhl fidelity, SmolLM2-135M, 4 x 512 news tokens (qhl rows only)", "",
           f"{host.get('date', '')} {host.get('cpu', '')}", "",
           "| recipe | logits SQNR | perplexity | vs float32 |", "|---|---:|---:|---:|"]
     for r in rows:

@@ -328,7 +328,7 @@ def machine() -> dict[str, Any]:
 
 def to_markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
-    out = [f"# qhl ONNX export on ONNX Runtime (CPU)", "",
+    out = ["# qhl ONNX export on ONNX Runtime (CPU)", "",
            f"{m['date']}, {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
            f"load average at start {', '.join(f'{v:.1f}' for v in m['load_avg_at_start'])} (shared machine: medians of "
            f"{res['reps']} round-robin runs). Sessions: ORT_ENABLE_ALL, MatMulNBits accuracy level 0, intra-op "

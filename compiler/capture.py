@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from qhl.errors import CaptureError
-from qhl.graph import WEIGHT_META, WeightRef, source_to_path
+from qhl.graph import WEIGHT_META, WeightRef, attr_value, source_to_path
 
 __all__ = ["bind_dynamo_weights", "weight_paths_from_dynamo", "capture_export", "no_kv_cache"]
 
@@ -87,18 +87,11 @@ def capture_export(
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
-        value = _get_attr(gm, node.target)
+        value = attr_value(gm, node.target)
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim >= 1:
             trainable = bool(getattr(params.get(node.target), "requires_grad", False))
             node.meta[WEIGHT_META] = WeightRef(path=node.target, value=value, trainable=trainable)
     return gm
-
-
-def _get_attr(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 @contextlib.contextmanager

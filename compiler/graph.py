@@ -9,6 +9,8 @@ Two metadata records travel on nodes:
 """
 from __future__ import annotations
 
+import operator
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,8 @@ import torch
 from torch import fx
 
 __all__ = [
+    "attr_value",
+    "layer_path",
     "WEIGHT_META",
     "MATMUL_META",
     "TRAINING_META",
@@ -183,3 +187,13 @@ def same_shape(a: Any, b: Any) -> bool:
         for x, y in zip(a, b)
     )
 
+
+def attr_value(gm: torch.nn.Module, target: str) -> Any:
+    """What a get_attr node's (dotted) target names on gm."""
+    return operator.attrgetter(target)(gm)
+
+
+def layer_path(node: fx.Node) -> str:
+    """The module path of the layer a qhl op node computes (its MatmulInfo), else the node's name."""
+    info = node.meta.get(MATMUL_META)
+    return info.path if info is not None and info.path else node.name

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, fx
 
 from qhl.codegen import cpu_fused, cpu_onednn, w8a8
-from qhl.graph import MATMUL_META
+from qhl.graph import attr_value, layer_path
 from qhl.passes.base import PassResult, copy_graph_module
 
 __all__ = ["float_codes_gemm", "FLOAT_GEMM_META"]
@@ -58,13 +58,6 @@ def _template(bias: bool) -> fx.GraphModule:
     if bias not in _TEMPLATES:
         _TEMPLATES[bias] = fx.symbolic_trace(_with_bias if bias else _without_bias)
     return _TEMPLATES[bias]
-
-
-def _attr(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _decline(node: fx.Node) -> Optional[str]:
@@ -98,11 +91,6 @@ def _inline(graph: fx.Graph, template: fx.GraphModule, args: list[Any]) -> fx.No
     return out
 
 
-def _layer(node: fx.Node) -> str:
-    info = node.meta.get(MATMUL_META)
-    return info.path if info is not None and info.path else node.name
-
-
 def float_codes_gemm(gm: fx.GraphModule) -> PassResult:
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.qhl.w8a8_linear.default]
     if not nodes or cpu_onednn.int8_gemm_is_fast():
@@ -116,22 +104,24 @@ def float_codes_gemm(gm: fx.GraphModule) -> PassResult:
     for node in nodes:
         why = _decline(node)
         if why is not None:
-            notes.append(f"{_layer(node)} keeps its op: {why}")
+            notes.append(f"{layer_path(node)} keeps its op: {why}")
             continue
         x, w, w_scale, bias = node.args
         if w.target not in buffers:
             name = "qhl_f32codes_" + re.sub(r"[^0-9A-Za-z_]", "_", w.target)
-            gm.register_buffer(name, w8a8.float_codes(_attr(gm, w.target)))
+            gm.register_buffer(name, w8a8.float_codes(attr_value(gm, w.target)))
             buffers[w.target] = name
         with gm.graph.inserting_before(node):
             codes = gm.graph.get_attr(buffers[w.target])
             args = [x, codes, w_scale] + ([bias] if bias is not None else [])
             out = _inline(gm.graph, _template(bias is not None), args)
         out.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
-        out.meta[FLOAT_GEMM_META] = _layer(node)
+        out.meta[FLOAT_GEMM_META] = layer_path(node)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         lowered += 1
+    for note in notes:
+        log.debug("float_codes_gemm: %s", note)
     if lowered:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()

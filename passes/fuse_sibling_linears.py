@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from qhl.graph import MATMUL_META
+from qhl.graph import attr_value, layer_path
 from qhl.passes.base import PassResult, copy_graph_module
 from qhl.runtime.packed import replace_shared
 
@@ -54,13 +54,6 @@ def _fusable_ops() -> tuple[Any, ...]:
 
 
 FUSABLE_OPS = _fusable_ops()
-
-
-def _attr(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
@@ -86,7 +79,7 @@ def _signature(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | str:
         # A constant (the packed weight, its scales) is concatenated once, here; a graph input
         # (a bias the door lifted to a placeholder) is concatenated in the graph, on every call.
         kind = "constant" if arg.op == "get_attr" else "input"
-        tensor = _attr(gm, arg.target) if kind == "constant" else arg.meta.get("val")
+        tensor = attr_value(gm, arg.target) if kind == "constant" else arg.meta.get("val")
         if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
             return f"operand {i} ({arg.name}) is not a tensor with a row per output channel"
         if i == 1 and kind != "constant":
@@ -96,12 +89,6 @@ def _signature(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | str:
             return f"operand {i} ({arg.name}) has {tensor.shape[0]} rows, the weight {rows}"
         key.append((kind, i, tensor.dtype, tuple(tensor.shape[1:]), tensor.device))
     return tuple(key)
-
-
-def _layer(node: fx.Node) -> str:
-    """The layer's module path (the node's name where the graph lost it)."""
-    info = node.meta.get(MATMUL_META)
-    return info.path if info is not None and info.path else node.name
 
 
 def sibling_groups(gm: fx.GraphModule) -> tuple[list[list[fx.Node]], list[tuple[fx.Node, str]]]:
@@ -173,7 +160,7 @@ def _set_val(node: fx.Node, make) -> None:
 def _fuse(source: fx.GraphModule, gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     graph = gm.graph
     first = nodes[0]
-    n_rows = [_attr(gm, n.args[1].target).shape[0] for n in nodes]
+    n_rows = [attr_value(gm, n.args[1].target).shape[0] for n in nodes]
     args = list(first.args)
     with graph.inserting_before(first):
         for i, arg in enumerate(first.args[1:], start=1):
@@ -185,7 +172,7 @@ def _fuse(source: fx.GraphModule, gm: fx.GraphModule, nodes: list[fx.Node]) -> N
                 _set_val(args[i], lambda: torch.cat([p.meta["val"] for p in parts]))
                 continue
             targets = [n.args[i].target for n in nodes]
-            parts = [_attr(gm, t) for t in targets]
+            parts = [attr_value(gm, t) for t in targets]
             whole = _already_fused(parts)
             reused = whole is not None
             if not reused:
@@ -207,7 +194,7 @@ def _fuse(source: fx.GraphModule, gm: fx.GraphModule, nodes: list[fx.Node]) -> N
             args[i] = graph.get_attr(name)
             args[i].meta["val"] = whole
         fused = graph.call_function(first.target, tuple(args), dict(first.kwargs))
-        fused.meta[FUSED_FROM_META] = [_layer(n) for n in nodes]
+        fused.meta[FUSED_FROM_META] = [layer_path(n) for n in nodes]
         _set_val(fused, lambda: torch.cat([n.meta["val"] for n in nodes], -1))
         start = 0
         for node, rows in zip(nodes, n_rows):
@@ -222,7 +209,7 @@ def _fuse(source: fx.GraphModule, gm: fx.GraphModule, nodes: list[fx.Node]) -> N
 def fuse_sibling_linears(gm: fx.GraphModule) -> PassResult:
     groups, declined = sibling_groups(gm)
     stats = {"groups": len(groups), "fused_linears": sum(len(g) for g in groups), "declined": len(declined)}
-    notes = tuple(f"{_layer(node)} stays unfused: {reason}" for node, reason in declined)
+    notes = tuple(f"{layer_path(node)} stays unfused: {reason}" for node, reason in declined)
     for note in notes:
         log.debug("fuse_sibling_linears: %s", note)
     if not groups:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from qhl.graph import attr_value
 from qhl.runtime.packed import PACKED_META, refresh
 
 __all__ = ["cpu_decompositions", "is_cpu_graph", "lift_constants", "compile_inference_graph",
@@ -124,7 +125,7 @@ def _rebuild_table(lowered: tuple[str, ...], fingerprint: str) -> DecompositionT
 
 
 def _tensors_of(gm: fx.GraphModule, inputs: list[Any]) -> list[torch.Tensor]:
-    consts = [_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    consts = [attr_value(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
     return [t for t in (*inputs, *consts) if isinstance(t, torch.Tensor)]
 
 
@@ -132,13 +133,6 @@ def is_cpu_graph(gm: fx.GraphModule, inputs: list[Any]) -> bool:
     """True when every tensor the graph reads (inputs and constants) lives on the CPU."""
     tensors = _tensors_of(gm, inputs)
     return bool(tensors) and all(t.device.type == "cpu" for t in tensors)
-
-
-def _attr(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def lift_constants(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor]]:
@@ -149,10 +143,10 @@ def lift_constants(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tenso
     env: dict[fx.Node, fx.Node] = {}
     consts: list[torch.Tensor] = []
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and isinstance(_attr(gm, node.target), torch.Tensor):
+        if node.op == "get_attr" and isinstance(attr_value(gm, node.target), torch.Tensor):
             env[node] = graph.placeholder("qhl_const_" + node.target.replace(".", "_"))
             env[node].meta = dict(node.meta)
-            consts.append(_attr(gm, node.target))
+            consts.append(attr_value(gm, node.target))
     for node in gm.graph.nodes:
         if node not in env:
             env[node] = graph.node_copy(node, lambda a: env[a])

@@ -14,7 +14,8 @@ import qhl
 from qhl.codegen import cpu_onednn, w8a8
 from qhl.driver import run_passes
 from qhl.passes import float_codes_gemm
-from qhl.passes.float_codes_gemm import FLOAT_GEMM_META, _attr
+from qhl.graph import attr_value
+from qhl.passes.float_codes_gemm import FLOAT_GEMM_META
 
 W8A8 = "qhl.w8a8_linear.default"
 
@@ -72,8 +73,8 @@ def test_the_float_codes_are_the_cpu_faces_cache(int8_gemm):
     int8_gemm("float")
     gm = _quantized(tokens=5)
     res = float_codes_gemm(gm)
-    weights = [_attr(gm, n.args[1].target) for n in gm.graph.nodes if n.target is torch.ops.qhl.w8a8_linear.default]
-    codes = [_attr(res.gm, n.target) for n in res.gm.graph.nodes if n.op == "get_attr" and n.target.startswith("qhl_f32codes_")]
+    weights = [attr_value(gm, n.args[1].target) for n in gm.graph.nodes if n.target is torch.ops.qhl.w8a8_linear.default]
+    codes = [attr_value(res.gm, n.target) for n in res.gm.graph.nodes if n.op == "get_attr" and n.target.startswith("qhl_f32codes_")]
     assert len(codes) == 2 and all(w8a8.float_codes(w) is c for w, c in zip(weights, codes))
 
 

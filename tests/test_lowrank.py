@@ -17,7 +17,6 @@ outputs round to 11 bits: atol/rtol 1e-2.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import numpy as np

@@ -16,7 +16,7 @@ from qhl_testing import call_targets, graph_expr, graph_inputs, make_graph, run_
 import qhl
 from qhl.driver import run_passes
 from qhl.graph import matmul_infos
-from qhl.passes import PASSES, bind
+from qhl.passes import bind
 
 aten = torch.ops.aten
 
