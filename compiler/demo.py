@@ -45,7 +45,7 @@ def run_demo(recipe_name: str = "w8a8", seq_len: int = 256, runs: int = 5, html:
         log.info("wrote %s", html)
 
     log.info("torch.compile(model, backend=qhl.backend(%r)): capture, passes, then Inductor's C++ codegen "
-             "for the CPU graph (~40 s on 2 cores, ~20 s once Inductor's on-disk cache has it; recipe "
+             "for the CPU graph (~40-60 s on 2 cores, ~20 s once Inductor's on-disk cache has it; recipe "
              "knob cpu_codegen='spec' skips it) ...", recipe_name)
     be = qhl.backend(recipe_name)
     compiled = torch.compile(model, backend=be)
