@@ -78,6 +78,11 @@ CPU_UNPACKED_CACHE = True
 _unpacked = DerivedCache(lambda packed: quant.unpack_int4_signed(packed).contiguous())
 
 
+# The codes as float32, for the compiled graphs that run plan 'f32' in aten ops on a CPU without a
+# fast int8 GEMM (passes/float_codes_gemm.py); re-derived in place when the packed weight is re-packed.
+float_codes = DerivedCache(lambda packed: quant.unpack_int4_signed(packed).float(), in_place=True)
+
+
 def unpacked_codes(w_packed: Tensor) -> Tensor:
     """int8 [N, K] codes of a packed weight, cached per packed tensor when CPU_UNPACKED_CACHE."""
     return _unpacked(w_packed) if CPU_UNPACKED_CACHE else quant.unpack_int4_signed(w_packed)

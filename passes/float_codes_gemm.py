@@ -1,36 +1,41 @@
-"""float_codes_gemm: w8a8 at many tokens, on a CPU without a fast int8 GEMM, as aten ops for Inductor.
+"""float_codes_gemm: the int8-GEMM forms at many tokens, on a CPU without a fast int8 GEMM, as aten
+ops for Inductor.
 
     y = qhl.w8a8_linear(x, Wq, s_w, b)   ->   q, s_x = per-token codes of x (as float32)
                                               y = ((q @ Wf^T) * s_w) * s_x (+ b)      Wf = float32(Wq)
 
+and the same for w4a8 / w4a4 (Wf the unpacked int4 codes; q 8- or 4-bit, after the layer's online
+Hadamard rotation where it has one: the qhl::hadamard_quantize_per_token call stays an op).
+
 Where the CPU has AVX2 alone (codegen/cpu_onednn.int8_gemm_is_fast() is False), PyTorch's int8
-GEMM is 3-25x slower than float32's, so w8a8's CPU face runs "plan f32": a float32 GEMM over the
-integer codes against the weight's codes kept as float32 once per weight (every product is exact,
-|q * Wq| <= 127^2; the sums are float32's). At 1-4 static tokens Inductor lowers the op to its
-bit-mask GEMV decomposition; at more tokens, or a dynamic count, it stayed an opaque call whose
-per-token prologue and dequantize epilogue ran as two separately compiled helper calls, ~100 us
-each: on SmolLM2 at 128 tokens, 210 layers made the compiled prompt slower than eager float32.
+GEMM is 3-25x slower than float32's, so these forms' CPU faces run "plan f32": a float32 GEMM over
+the integer codes against the weight's codes kept as float32 once per weight (every product is
+exact, |q * Wq| <= 127^2; the sums are float32's). At 1-4 static tokens Inductor lowers the ops to
+their bit-mask GEMV decompositions; at more tokens, or a dynamic count, each stayed an opaque call
+whose per-token prologue and dequantize epilogue ran as separately compiled helper calls (~50 us of
+overhead each): on SmolLM2 at 128 tokens the compiled w8a8 prompt was slower than eager float32.
 
 This pass writes that plan into the graph itself, in the spec's order of operations, with Wf a
-constant of the graph (the same float32 codes the CPU face caches: codegen/w8a8.float_codes, shared
-by a model's graphs and re-derived in place when `refresh` re-packs the int8 codes). Inductor then
-fuses the prologue into the ops before it (RMSNorm, the previous layer's epilogue) and the
-epilogue into the ops after it, around one extern float32 GEMM.
+constant of the graph (codegen/w8a8.float_codes, w4ax.float_codes: one float32 copy per weight,
+shared by a model's graphs and, for w8a8, with its CPU face; re-derived in place when `refresh`
+re-packs the weight). Inductor then fuses the prologue into the ops before it (RMSNorm, the
+previous layer's epilogue) and the epilogue into the ops after it, around one extern float32 GEMM.
 
 A codegen pass: the torch.compile door runs it only on graphs Inductor compiles (passes.CODEGEN,
-INDUCTOR_ONLY). The layer table keeps the w8a8 form: what runs is the same math.
+INDUCTOR_ONLY; recipe knob float_gemm). The layer table keeps the forms: what runs is the same math.
 """
 from __future__ import annotations
 
 import logging
 import math
 import re
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, fx
 
-from qhl.codegen import cpu_fused, cpu_onednn, w8a8
+from qhl.codegen import cpu_fused, cpu_onednn, w4ax, w8a8
 from qhl.graph import attr_value, layer_path
 from qhl.passes.base import PassResult, copy_graph_module
 
@@ -41,23 +46,39 @@ log = logging.getLogger(__name__)
 FLOAT_GEMM_META = "qhl_float_gemm"  # the lowered result's meta: the layer path it computes
 
 
-def _with_bias(x: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor) -> Tensor:
-    codes, xs = w8a8.per_token_codes_decomposed(x)
-    return (((codes @ w_codes.t()) * w_scale.float()) * xs + bias.float()).type_as(x)
+def _prologue(x: Tensor, bits: int, block: int) -> tuple[Tensor, Tensor]:
+    # the per-token codes as float32 (rotated first where the layer owes a Hadamard: w4a8/w4a4)
+    if block < 0:
+        return w8a8.per_token_codes_decomposed(x, bits)
+    q, xs = torch.ops.qhl.hadamard_quantize_per_token.default(x, block, bits)
+    return q.float(), xs
 
 
-def _without_bias(x: Tensor, w_codes: Tensor, w_scale: Tensor) -> Tensor:
-    codes, xs = w8a8.per_token_codes_decomposed(x)
-    return (((codes @ w_codes.t()) * w_scale.float()) * xs).type_as(x)
+_TEMPLATES: dict[tuple[bool, int, int], fx.GraphModule] = {}
 
 
-_TEMPLATES: dict[bool, fx.GraphModule] = {}
+def _template(bias: bool, bits: int, block: int) -> fx.GraphModule:
+    """The 'f32' plan as a graph: (x, float32 codes [N, K], s_w[, b]) -> y, in the spec's order."""
+    key = (bias, bits, block)
+    if key not in _TEMPLATES:
+        def with_bias(x: Tensor, w_codes: Tensor, w_scale: Tensor, b: Tensor) -> Tensor:
+            codes, xs = _prologue(x, bits, block)
+            return (((codes @ w_codes.t()) * w_scale.float()) * xs + b.float()).type_as(x)
+
+        def without_bias(x: Tensor, w_codes: Tensor, w_scale: Tensor) -> Tensor:
+            codes, xs = _prologue(x, bits, block)
+            return (((codes @ w_codes.t()) * w_scale.float()) * xs).type_as(x)
+
+        _TEMPLATES[key] = fx.symbolic_trace(with_bias if bias else without_bias)
+    return _TEMPLATES[key]
 
 
-def _template(bias: bool) -> fx.GraphModule:
-    if bias not in _TEMPLATES:
-        _TEMPLATES[bias] = fx.symbolic_trace(_with_bias if bias else _without_bias)
-    return _TEMPLATES[bias]
+def _forms() -> dict[Any, tuple[int, Callable[[Tensor], Tensor]]]:
+    """op -> (activation bits, the float32 codes of its weight operand, cached per weight)."""
+    ops = torch.ops.qhl
+    return {ops.w8a8_linear.default: (8, w8a8.float_codes),
+            ops.w4a8_linear.default: (8, w4ax.float_codes),
+            ops.w4a4_linear.default: (4, w4ax.float_codes)}
 
 
 def _decline(node: fx.Node) -> Optional[str]:
@@ -92,7 +113,8 @@ def _inline(graph: fx.Graph, template: fx.GraphModule, args: list[Any]) -> fx.No
 
 
 def float_codes_gemm(gm: fx.GraphModule) -> PassResult:
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.qhl.w8a8_linear.default]
+    forms = _forms()
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in forms]
     if not nodes or cpu_onednn.int8_gemm_is_fast():
         why = "this CPU has a fast int8 GEMM" if nodes else None
         return PassResult(gm, False, {"lowered": 0, "kept": len(nodes)}, (f"nothing lowered: {why}",) if why else ())
@@ -106,15 +128,17 @@ def float_codes_gemm(gm: fx.GraphModule) -> PassResult:
         if why is not None:
             notes.append(f"{layer_path(node)} keeps its op: {why}")
             continue
-        x, w, w_scale, bias = node.args
+        bits, float_codes = forms[node.target]
+        x, w, w_scale, bias = node.args[:4]
+        block = node.args[4] if len(node.args) > 4 else node.kwargs.get("hadamard_block", -1)
         if w.target not in buffers:
             name = "qhl_f32codes_" + re.sub(r"[^0-9A-Za-z_]", "_", w.target)
-            gm.register_buffer(name, w8a8.float_codes(attr_value(gm, w.target)))
+            gm.register_buffer(name, float_codes(attr_value(gm, w.target)))
             buffers[w.target] = name
         with gm.graph.inserting_before(node):
             codes = gm.graph.get_attr(buffers[w.target])
             args = [x, codes, w_scale] + ([bias] if bias is not None else [])
-            out = _inline(gm.graph, _template(bias is not None), args)
+            out = _inline(gm.graph, _template(bias is not None, bits, block), args)
         out.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
         out.meta[FLOAT_GEMM_META] = layer_path(node)
         node.replace_all_uses_with(out)

@@ -491,7 +491,8 @@ def test_avx2_few_token_layers_are_lowered_into_the_inductor_graph(recipe, int8_
     compiled code (each such call cost ~250-500 us of dispatch and Dynamo overhead, which made
     SmolLM2's decode slower than eager; hadamard-w4a8 keeps its rotate-and-quantize prologue op),
     and the result is the op-by-op graph's to float32 rounding. At 5 tokens, and for w4a16 with a
-    group of 32, the op stays a call to its CPU face, except w8a8's (float_codes_gemm lowers it)."""
+    group of 32, the weight-only ops stay calls to their CPU faces; the int8-GEMM forms' are
+    lowered by float_codes_gemm."""
     from torch._inductor.utils import run_and_get_code
 
     int8_gemm("float")
@@ -512,7 +513,7 @@ def test_avx2_few_token_layers_are_lowered_into_the_inductor_graph(recipe, int8_
         assert [g.codegen for g in be.graphs] == ["inductor"]
         source = "\n".join(codes)
         calls = source.count(f"torch.ops.qhl.{form}_linear.default(")
-        lowered = (tokens <= cpu_fused.BITS_GEMV_MAX_TOKENS and group == 64) or recipe == "w8a8"
+        lowered = (tokens <= cpu_fused.BITS_GEMV_MAX_TOKENS and group == 64) or form in ("w8a8", "w4a8", "w4a4")
         assert calls == (0 if lowered else 2), (tokens, group)
         if recipe.startswith("hadamard-") and calls == 0:
             assert source.count("torch.ops.qhl.hadamard_quantize_per_token.default(") == 2

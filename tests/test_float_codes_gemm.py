@@ -114,9 +114,9 @@ def test_compiled_graph_follows_an_in_place_weight_change(int8_gemm):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def _spec_run(model, x):
+def _spec_run(model, x, recipe="w8a8"):
     torch._dynamo.reset()
-    be = qhl.backend("w8a8", cpu_codegen="spec")
+    be = qhl.backend(recipe, cpu_codegen="spec")
     with torch.no_grad():
         out = torch.compile(model, backend=be)(x)
     torch._dynamo.reset()
@@ -157,3 +157,31 @@ def test_the_float_gemm_knob_keeps_the_op_call(int8_gemm):
     torch._dynamo.reset()
     assert be.graphs[0].codegen == "inductor" and "float_codes_gemm" not in [p.name for p in be.graphs[0].passes]
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["w4a8", "w4a4", "hadamard-w4a8"])
+def test_int4_weight_forms_lower_too_and_follow_a_weight_change(recipe, int8_gemm):
+    """w4a8 / w4a4: the unpacked int4 codes as float32 (w4ax.float_codes); with an online rotation
+    the fused rotate-and-quantize op stays, once per x. Equal to the op-by-op graph, before and
+    after an in-place weight change (re-packed by the same compiled graph)."""
+    int8_gemm("float")
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(2, 5, 64)
+    ref_before, _ = _spec_run(model, x, recipe)
+    be = qhl.backend(recipe)
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        out_before = compiled(x)
+        model.fc2.weight.copy_(torch.randn_like(model.fc2.weight) * 0.1)  # new codes, not only new scales
+        out_after = compiled(x)
+    torch._dynamo.reset()
+    ref_after, _ = _spec_run(model, x, recipe)
+    [graph] = be.graphs  # one graph: the second call re-packed, it did not recompile
+    [record] = [p for p in graph.passes if p.name == "float_codes_gemm"]
+    assert graph.codegen == "inductor" and record.stats == {"lowered": 2, "kept": 0}
+    rotations = record.after.count("torch.ops.qhl.hadamard_quantize_per_token.default(")
+    assert rotations == (2 if recipe.startswith("hadamard") else 0)
+    assert "w4a8_linear" not in record.after and "w4a4_linear" not in record.after
+    torch.testing.assert_close(out_before, ref_before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_after, ref_after, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ref_after, ref_before)
