@@ -126,7 +126,7 @@ class Recipe:
     # In torch.compile's inference graphs: quantized linears that read the same x (q/k/v, gate/up)
     # run as one, their weights concatenated (passes/fuse_sibling_linears.py; exact).
     fuse_siblings: bool = True
-    # On a CPU without a fast int8 GEMM (AVX2 alone): w8a8 at 5+ tokens written into Inductor's
+    # On a CPU without a fast int8 GEMM (AVX2 alone): w8a8/w4a8/w4a4 at 5+ tokens written into Inductor's
     # graph as a float32 GEMM over the codes, fused with its neighbours (passes/float_codes_gemm.py):
     # faster calls, a longer first compile.
     float_gemm: bool = True

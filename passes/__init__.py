@@ -35,7 +35,7 @@ PASSES = {
     "adapter_layers": adapter_layers,  # fused adapters in the layer table; int4 base of gralora-w4a16
     # Codegen only (CODEGEN): the torch.compile door runs them on inference graphs; recipes don't list them.
     "fuse_sibling_linears": fuse_sibling_linears,  # q/k/v (gate/up) reading one x -> one qhl linear + slices
-    "float_codes_gemm": float_codes_gemm,  # w8a8 at many tokens, no fast int8 GEMM -> aten ops for Inductor
+    "float_codes_gemm": float_codes_gemm,  # int8-GEMM forms at many tokens, no fast int8 GEMM -> aten ops
 }
 _NEEDS_RECIPE = {"select_layers", "rotate_residual", "rotate_online", "adapter_layers"}
 # Passes the torch.compile door also runs on Dynamo's torch-level graph, before AOTAutograd
