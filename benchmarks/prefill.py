@@ -57,7 +57,8 @@ def run(recipes: list[str], tokens: list[int], rounds: int) -> list[dict[str, An
                 first[recipe] = time.perf_counter() - t0
                 sqnr[recipe] = qhl.sqnr_db(ref, out)
                 fns[recipe] = fn
-                log.info("%d tokens, %s: first call %.1f s, logits SQNR %.1f dB", n, recipe, first[recipe], sqnr[recipe])
+                log.info("%d tokens, %s: first call %.1f s, logits SQNR %.1f dB", n, recipe, first[recipe],
+                         sqnr[recipe])
             times: dict[str, list[float]] = {k: [] for k in fns}
             names = list(fns)
             for r in range(rounds):
@@ -80,7 +81,8 @@ def markdown(res: dict[str, Any]) -> str:
              "| tokens | recipe | qhl ms | eager fp32 ms | qhl vs eager | first call (s) | logits SQNR |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        lines.append(f"| {r['tokens']} | {r['recipe']} | {r['qhl_ms']:.1f} | {r['eager_ms']:.1f} | {r['speedup']:.2f}x | "
+        lines.append(f"| {r['tokens']} | {r['recipe']} | {r['qhl_ms']:.1f} | {r['eager_ms']:.1f} | "
+                     f"{r['speedup']:.2f}x | "
                      f"{r['first_call_s']:.0f} | {r['logits_sqnr_db']:.1f} dB |")
     return "\n".join(lines) + "\n"
 

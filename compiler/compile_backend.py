@@ -134,7 +134,8 @@ class QhlBackend:
         if reason is None:
             t0, n_records = time.perf_counter(), len(compiled.passes)
             try:
-                runner = inductor_cpu.compile_inference_graph(self._codegen_passes(gm, compiled, inductor=True), fake_inputs)
+                lowered = self._codegen_passes(gm, compiled, inductor=True)
+                runner = inductor_cpu.compile_inference_graph(lowered, fake_inputs)
                 compiled.codegen = "inductor"
                 compiled.codegen_seconds = time.perf_counter() - t0
                 return runner

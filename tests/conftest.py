@@ -74,3 +74,18 @@ def smollm2():
     with torch.no_grad():
         ref = model(ids).logits
     return model, ids, ref
+
+
+@pytest.fixture
+def int8_gemm(monkeypatch):
+    """int8_gemm("int8" | "float"): force cpu_onednn.int8_gemm_is_fast() for this test, so that
+    each CPU plan is tested on every machine (restored afterwards)."""
+    from qhl.codegen import cpu_onednn
+
+    def force(mode: str) -> None:
+        monkeypatch.setenv(cpu_onednn.INT8_GEMM_FLAG, mode)
+        cpu_onednn.int8_gemm_is_fast.cache_clear()
+
+    yield force
+    monkeypatch.delenv(cpu_onednn.INT8_GEMM_FLAG, raising=False)
+    cpu_onednn.int8_gemm_is_fast.cache_clear()

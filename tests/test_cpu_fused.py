@@ -19,19 +19,6 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-@pytest.fixture
-def int8_gemm(monkeypatch):
-    """int8_gemm("int8" | "float"): force cpu_onednn.int8_gemm_is_fast() for this test, so that
-    each CPU plan is tested on every machine (restored afterwards)."""
-    def force(mode: str) -> None:
-        monkeypatch.setenv(cpu_onednn.INT8_GEMM_FLAG, mode)
-        cpu_onednn.int8_gemm_is_fast.cache_clear()
-
-    yield force
-    monkeypatch.delenv(cpu_onednn.INT8_GEMM_FLAG, raising=False)
-    cpu_onednn.int8_gemm_is_fast.cache_clear()
-
-
 def _tied_rows(m: int, k: int, qmax: int) -> torch.Tensor:
     """Rows whose quotients x / s land exactly on k + 0.5 (round half to even decides them), a
     zero row, and a row with one huge outlier."""

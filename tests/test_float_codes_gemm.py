@@ -11,25 +11,13 @@ import torch
 from qhl_testing import MLP, call_targets, make_graph, run_graph
 
 import qhl
-from qhl.codegen import cpu_onednn, w8a8
+from qhl.codegen import w8a8
 from qhl.driver import run_passes
-from qhl.passes import float_codes_gemm
 from qhl.graph import attr_value
+from qhl.passes import float_codes_gemm
 from qhl.passes.float_codes_gemm import FLOAT_GEMM_META
 
 W8A8 = "qhl.w8a8_linear.default"
-
-
-@pytest.fixture
-def int8_gemm(monkeypatch):
-    """int8_gemm("int8" | "float"): force cpu_onednn.int8_gemm_is_fast() (restored afterwards)."""
-    def force(mode: str) -> None:
-        monkeypatch.setenv(cpu_onednn.INT8_GEMM_FLAG, mode)
-        cpu_onednn.int8_gemm_is_fast.cache_clear()
-
-    yield force
-    monkeypatch.delenv(cpu_onednn.INT8_GEMM_FLAG, raising=False)
-    cpu_onednn.int8_gemm_is_fast.cache_clear()
 
 
 def _quantized(tokens: int, recipe: str = "w8a8") -> torch.fx.GraphModule:
@@ -73,8 +61,10 @@ def test_the_float_codes_are_the_cpu_faces_cache(int8_gemm):
     int8_gemm("float")
     gm = _quantized(tokens=5)
     res = float_codes_gemm(gm)
-    weights = [attr_value(gm, n.args[1].target) for n in gm.graph.nodes if n.target is torch.ops.qhl.w8a8_linear.default]
-    codes = [attr_value(res.gm, n.target) for n in res.gm.graph.nodes if n.op == "get_attr" and n.target.startswith("qhl_f32codes_")]
+    op = torch.ops.qhl.w8a8_linear.default
+    weights = [attr_value(gm, n.args[1].target) for n in gm.graph.nodes if n.target is op]
+    codes = [attr_value(res.gm, n.target) for n in res.gm.graph.nodes
+             if n.op == "get_attr" and n.target.startswith("qhl_f32codes_")]
     assert len(codes) == 2 and all(w8a8.float_codes(w) is c for w, c in zip(weights, codes))
 
 

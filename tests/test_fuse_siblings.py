@@ -162,7 +162,8 @@ def test_different_group_sizes_do_not_fuse():
     [graph] = be.graphs
     record = _fusion_record(graph)
     assert record.name == "fuse_sibling_linears" and record.stats["fused_linears"] == 2, graph.codegen_reason
-    assert [n.split(" reading")[0] for n in record.notes] == ["k stays unfused: its op or arguments differ from every other linear"]
+    assert [n.split(" reading")[0] for n in record.notes] == [
+        "k stays unfused: its op or arguments differ from every other linear"]
 
 
 def test_a_lone_linear_and_a_float_graph_are_left_alone():
