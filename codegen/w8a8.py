@@ -74,9 +74,9 @@ def _cpu_plan(m: int, n: int, k: int) -> str:
 # 128 * sum_k Wq[n, k] (int32 [N]) of each int8 weight, for the u8 formulation: exact in int32
 # for K < 2^31 / (127 * 128) ~ 132000.
 _u8_compensation = DerivedCache(lambda w_int8: w_int8.sum(dim=1, dtype=torch.int32).mul_(128))
-# the weight's codes as float32 [N, K], for the 'f32' plan (no fast int8 GEMM on this CPU)
-# The weight's codes as float32 for plan 'f32', shared with the graphs that hold them as constants
-# (passes/float_codes_gemm.py), so a re-pack re-derives them in place.
+# The weight's codes as float32 [N, K] for plan 'f32' (no fast int8 GEMM on this CPU), shared with
+# the compiled graphs that hold them as constants (passes/float_codes_gemm.py), so a re-pack
+# re-derives them in place.
 float_codes = DerivedCache(lambda w_int8: w_int8.float(), in_place=True)
 
 

@@ -10,7 +10,6 @@ Two metadata records travel on nodes:
 from __future__ import annotations
 
 import operator
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
