@@ -3,8 +3,9 @@
 One forward over a batch-1 prompt of the offline news corpus (no KV cache), at each --tokens length;
 eager and every recipe timed round-robin, the order rotating every round, medians over --rounds.
 This is where a prompt's time goes: every Linear runs at many tokens (decode.py measures the
-single-token steps). Also reports each recipe's first call (capture, passes and Inductor's compile;
-Inductor's caches as they are, see the result's machine line) and the logits' SQNR against eager.
+single-token steps). Also reports each recipe's first call (capture, passes and Inductor's compile,
+with Inductor's caches as they are: the result records TORCHINDUCTOR_CACHE_DIR; set it to a fresh
+directory for cold-cache numbers) and the logits' SQNR against eager.
 Writes benchmarks/results/prefill_cpu{--tag}.{json,md}.
 
     .venv/bin/python benchmarks/prefill.py [--recipes w8a8 w8a16] [--tokens 128 512] [--rounds 7]
@@ -77,7 +78,8 @@ def run(recipes: list[str], tokens: list[int], rounds: int) -> list[dict[str, An
 
 def markdown(res: dict[str, Any]) -> str:
     lines = ["# SmolLM2-135M prompt (prefill) on CPU, batch 1", "", f"Machine: {res['machine']}", "",
-             f"One forward, no KV cache; eager and qhl round-robin, medians of {res['rounds']} rounds.", "",
+             f"One forward, no KV cache; eager and qhl round-robin, medians of {res['rounds']} rounds. "
+             f"Inductor cache directory: {res.get('inductor_cache_dir', 'default')}.", "",
              "| tokens | recipe | qhl ms | eager fp32 ms | qhl vs eager | first call (s) | logits SQNR |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
@@ -95,7 +97,9 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="appended to the result file name (e.g. the machine: _avx2)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    res = dict(machine=machine(), rounds=args.rounds, rows=run(args.recipes, args.tokens, args.rounds))
+    res = dict(machine=machine(), rounds=args.rounds,
+               inductor_cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+               rows=run(args.recipes, args.tokens, args.rounds))
     write_results(RESULTS / f"prefill_cpu{args.tag}", res, markdown)
 
 

@@ -120,11 +120,11 @@ def float_codes_gemm(gm: fx.GraphModule) -> PassResult:
         return PassResult(gm, False, {"lowered": 0, "kept": len(nodes)}, (f"nothing lowered: {why}",) if why else ())
     lowered, notes = 0, []
     buffers: dict[str, str] = {}
-    if any(_decline(node) is None for node in nodes):
+    declines = [_decline(node) for node in nodes]
+    if any(why is None for why in declines):
         gm, env = copy_graph_module(gm)  # the input graph keeps its ops
         nodes = [env[n] for n in nodes]
-    for node in nodes:
-        why = _decline(node)
+    for node, why in zip(nodes, declines):
         if why is not None:
             notes.append(f"{layer_path(node)} keeps its op: {why}")
             continue
