@@ -42,7 +42,8 @@ from torch import Tensor
 
 from qhl.runtime.packed import DerivedCache
 
-__all__ = ["cpu_has_amx", "available", "worthwhile", "int8_mm_scaled", "int8_gemm_is_fast", "is_x86_cpu", "ENV_FLAG", "INT8_GEMM_FLAG"]
+__all__ = ["cpu_has_amx", "available", "worthwhile", "int8_mm_scaled", "int8_gemm_is_fast", "is_x86_cpu",
+           "x86_has_int8_vnni", "ENV_FLAG", "INT8_GEMM_FLAG"]
 
 ENV_FLAG = "QHL_CPU_PREPACK"
 
@@ -59,6 +60,22 @@ def is_x86_cpu() -> bool:
     """True on an x86 CPU, the only one whose int8 instruction sets (AVX2 / AVX-512 / VNNI / AMX)
     qhl's CPU plans and ORT checks (runtime/ort.py u8s8_is_exact) tell apart."""
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+@functools.cache
+def x86_has_int8_vnni() -> bool:
+    """True on an x86 CPU with VNNI (AVX-512 VNNI or AVX-VNNI) or AMX: there u8 x s8 integer GEMMs
+    (oneDNN's, and ONNX Runtime's) accumulate every product in int32 exactly. Without them they
+    multiply with VPMADDUBSW, which saturates each pair of products to int16."""
+    if not is_x86_cpu():
+        return False
+    if torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported():
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx_vnni" in line for line in f)
+    except OSError:
+        return False
 
 
 INT8_GEMM_FLAG = "QHL_CPU_INT8_GEMM"  # "int8" / "float": force the CPU's integer-GEMM choice

@@ -38,7 +38,10 @@ __all__ = ["w8a8_linear", "w8a8_linear_spec", "w8a8_linear_decomposed", "int8_li
 #               codegen/cpu_onednn.py), 1.15-1.5x the transposed GEMM acc^T = Wq @ q^T at 2-512
 #               tokens on large weights, which is itself 1.2-1.4x q @ Wq^T; 'cols' for small
 #               weights and few tokens (cpu_onednn.worthwhile) or where PyTorch lacks the ops.
-#   without     M <= 4: one s8 GEMV per token, oneDNN's fastest shape per token;
+#   without     M <= 4: one GEMV per token, oneDNN's fastest shape per token: u8 x s8 where the
+#               CPU has VNNI ('u8_rows', with the cached compensation; exact there, and 17-21%
+#               faster than s8 at 1-4 tokens on 4 x 4096^2 weights, AMD EPYC Zen 5, 2026-12-05),
+#               else s8 ('rows': without VNNI a u8 x s8 product pair saturates to int16);
 #               5 <= M <= 256: the transposed GEMM; M > 256: u8 x s8 (VNNI-native).
 #   no fast int8 GEMM at all (x86 with AVX2 alone, cpu_onednn.int8_gemm_is_fast): 'f32', a float32
 #               GEMM over the integer codes, against the weight's codes kept as float32 once per
@@ -56,18 +59,19 @@ __all__ = ["w8a8_linear", "w8a8_linear_spec", "w8a8_linear_decomposed", "int8_li
 # fallback pays one transpose-copy instead.
 _ROWWISE_MAX_M = 4
 _TRANSPOSED_MAX_M = 256
+_U8_PLANS = ("u8", "u8_rows")  # the plans whose GEMM takes the codes + 128 as uint8
 
 
 def _cpu_plan(m: int, n: int, k: int) -> str:
-    """'u8', 'onednn' (prepacked weight), 'cols' (the transposed GEMM) or 'rows' (one GEMV per
-    token) for M tokens on an [N, K] weight here. int8_linear_cpu also takes 's8' (q @ Wq^T), the
+    """'u8', 'onednn' (prepacked weight), 'cols' (the transposed GEMM), 'rows' / 'u8_rows' (one
+    s8 / u8 GEMV per token) or 'f32' (no fast int8 GEMM) for M tokens on an [N, K] weight here. int8_linear_cpu also takes 's8' (q @ Wq^T), the
     decomposition's formulation for many tokens without AMX."""
     if not cpu_onednn.int8_gemm_is_fast():
         return "f32"
     if cpu_onednn.cpu_has_amx():
         return "u8" if m == 1 else ("onednn" if cpu_onednn.worthwhile(m, n, k) else "cols")
     if m <= _ROWWISE_MAX_M:
-        return "rows"
+        return "u8_rows" if cpu_onednn.x86_has_int8_vnni() else "rows"
     return "cols" if m <= _TRANSPOSED_MAX_M else "u8"
 
 
@@ -98,8 +102,8 @@ def int8_linear_cpu(
     plan = _cpu_plan(x2.shape[0], *w_int8.shape)
     if codes is None:
         qmax = (1 << (bits - 1)) - 1
-        codes, xs = cpu_fused.per_token_codes(x2, qmax, 128 if plan == "u8" else 0)
-    elif plan == "u8":
+        codes, xs = cpu_fused.per_token_codes(x2, qmax, 128 if plan in _U8_PLANS else 0)
+    elif plan in _U8_PLANS:
         codes = codes.view(torch.uint8) ^ 0x80  # q + 128 for q in [-127, 127]
     if plan == "f32":  # exact products, float32 sums
         if cpu_fused.int8_bits_gemv_worthwhile(codes.shape[0], *w_int8.shape):  # the GEMV reads Wq as int8
@@ -117,9 +121,10 @@ def int8_linear_cpu(
         comp = _u8_compensation(w_int8) if plan == "u8" else None
         return cpu_fused.epilogue_rows(acc, comp, ws, xs, bias, out_dtype)
     acc = torch.empty(codes.shape[0], w_int8.shape[0], dtype=torch.int32)
-    for i in range(codes.shape[0]):
+    for i in range(codes.shape[0]):  # 'rows' / 'u8_rows'
         torch._int_mm(codes[i : i + 1], w_int8.t(), out=acc[i : i + 1])
-    return cpu_fused.epilogue_rows(acc, None, ws, xs, bias, out_dtype)
+    comp = _u8_compensation(w_int8) if plan == "u8_rows" else None
+    return cpu_fused.epilogue_rows(acc, comp, ws, xs, bias, out_dtype)
 
 
 def _eager_codes(x2: Tensor, bits: int) -> tuple[Tensor, Tensor]:

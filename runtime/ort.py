@@ -12,7 +12,6 @@ to int8 (W4A8 math, not qhl's W4A16). Sessions made here set
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -72,22 +71,13 @@ def session(
     return sess
 
 
-@functools.cache
 def u8s8_is_exact() -> bool:
     """Whether ONNX Runtime's CPU u8 x s8 integer GEMM is exact here: on x86 only with VNNI
     (AVX-512 VNNI or AVX-VNNI) or AMX; without them it saturates pairs of products to int16
     (see int8_operands in qhl.onnx_export). Other architectures are not flagged."""
-    from qhl.codegen.cpu_onednn import is_x86_cpu
+    from qhl.codegen.cpu_onednn import is_x86_cpu, x86_has_int8_vnni
 
-    if not is_x86_cpu():
-        return True
-    if torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported():
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx_vnni" in line for line in f)
-    except OSError:
-        return False
+    return not is_x86_cpu() or x86_has_int8_vnni()
 
 
 def _warn_if_inexact(sess: Any, src: Any) -> None:

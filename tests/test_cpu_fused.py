@@ -48,7 +48,7 @@ def test_fused_prologue_is_the_per_token_quantizer_bit_for_bit(m, bits, dtype):
     assert torch.equal(qu.to(torch.int16) - 128, q_ref.to(torch.int16))
 
 
-@pytest.mark.parametrize("plan", ["u8", "onednn", "cols", "s8", "rows", "f32"])
+@pytest.mark.parametrize("plan", ["u8", "onednn", "cols", "s8", "rows", "u8_rows", "f32"])
 @pytest.mark.parametrize("m", [1, 3, 64, 300])
 @pytest.mark.parametrize("bias", [True, False])
 def test_every_gemm_formulation_computes_the_spec(plan, m, bias, monkeypatch):
@@ -103,6 +103,18 @@ def test_int8_gemm_detection_and_override(int8_gemm):
         int8_gemm(mode)
         keys[mode] = inductor_cpu._decomposition_fingerprint()
     assert keys["int8"] != keys["float"]
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_few_tokens_take_the_u8_gemv_only_where_vnni_keeps_it_exact(m, int8_gemm):
+    """Without AMX, 1-4 tokens run one GEMV per token: u8 x s8 (17-21% faster, measured on an AMD
+    EPYC Zen 5) only on an x86 CPU with VNNI, where its int32 sums are exact; s8 elsewhere."""
+    int8_gemm("int8")
+    plan = w8a8._cpu_plan(m, 4096, 4096)
+    if cpu_onednn.cpu_has_amx():
+        assert plan in ("u8", "onednn")
+    else:
+        assert plan == ("u8_rows" if cpu_onednn.x86_has_int8_vnni() else "rows")
 
 
 def test_u8_compensation_follows_an_in_place_weight_change(monkeypatch):
