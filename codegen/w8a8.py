@@ -64,8 +64,9 @@ _U8_PLANS = ("u8", "u8_rows")  # the plans whose GEMM takes the codes + 128 as u
 
 def _cpu_plan(m: int, n: int, k: int) -> str:
     """'u8', 'onednn' (prepacked weight), 'cols' (the transposed GEMM), 'rows' / 'u8_rows' (one
-    s8 / u8 GEMV per token) or 'f32' (no fast int8 GEMM) for M tokens on an [N, K] weight here. int8_linear_cpu also takes 's8' (q @ Wq^T), the
-    decomposition's formulation for many tokens without AMX."""
+    s8 / u8 GEMV per token) or 'f32' (no fast int8 GEMM) for M tokens on an [N, K] weight here.
+    int8_linear_cpu also takes 's8' (q @ Wq^T), the decomposition's formulation for many tokens
+    without AMX, and for one token without AMX."""
     if not cpu_onednn.int8_gemm_is_fast():
         return "f32"
     if cpu_onednn.cpu_has_amx():
@@ -118,12 +119,11 @@ def int8_linear_cpu(
         return cpu_fused.epilogue_cols(torch._int_mm(w_int8, codes.t()), ws, xs, bias, out_dtype)
     if plan in ("u8", "s8"):
         acc = torch._int_mm(codes, w_int8.t())
-        comp = _u8_compensation(w_int8) if plan == "u8" else None
-        return cpu_fused.epilogue_rows(acc, comp, ws, xs, bias, out_dtype)
-    acc = torch.empty(codes.shape[0], w_int8.shape[0], dtype=torch.int32)
-    for i in range(codes.shape[0]):  # 'rows' / 'u8_rows'
-        torch._int_mm(codes[i : i + 1], w_int8.t(), out=acc[i : i + 1])
-    comp = _u8_compensation(w_int8) if plan == "u8_rows" else None
+    else:  # 'rows' / 'u8_rows'
+        acc = torch.empty(codes.shape[0], w_int8.shape[0], dtype=torch.int32)
+        for i in range(codes.shape[0]):
+            torch._int_mm(codes[i : i + 1], w_int8.t(), out=acc[i : i + 1])
+    comp = _u8_compensation(w_int8) if plan in _U8_PLANS else None
     return cpu_fused.epilogue_rows(acc, comp, ws, xs, bias, out_dtype)
 
 
@@ -229,7 +229,7 @@ def w8a8_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Opt
         # (SmolLM2's w8a8 decode step on an AMD EPYC Zen 5: 14.5 ms against 25.0 ms as op calls).
         plan = "s8"
     if plan not in ("onednn", "cols", "s8"):
-        return NotImplemented  # 1 token with AMX (u8), or a few without (one GEMV per token)
+        return NotImplemented  # 1 token with AMX (u8), or 2-4 without (one GEMV per token)
     codes, xs = per_token_codes_decomposed(x2)
     q = codes.to(torch.int8)
     if plan == "onednn":
