@@ -2,8 +2,10 @@
 quantizer, in one run on one machine.
 
 (a) four nn.Linear(4096, 4096) in a row at 1/64/256/512 tokens: ORT float32 export, qhl w8a8
-    export, `onnxruntime.quantization.quantize_dynamic` on the float32 export, qhl w4a16 (g128;
-    standard and target="onnxruntime") and w8a16. Accuracy: cosine / SQNR vs the float32 output.
+    export, qhl w8a8-tensor (per-tensor activations: ORT's DynamicQuantizeMatMul),
+    `onnxruntime.quantization.quantize_dynamic` on the float32 export (its defaults, and with
+    per_channel=True: the same math as w8a8-tensor), qhl w4a16 (g128; standard and
+    target="onnxruntime") and w8a16. Accuracy: cosine / SQNR vs the float32 output.
 (b) all-MiniLM-L6-v2 (real weights) at batch 8 x 128 tokens: float32 (opset 23, qhl's default, and
     opset 21), qhl w8a8 (both targets), quantize_dynamic (on both float32 files), qhl w8a16, qhl
     w4a16. Speed ratios are to the opset-23 float32 file. Accuracy: mean-token (attention-masked)
@@ -53,6 +55,10 @@ U8S8 = "qhl w8a8, int8_operands=u8s8"  # int8 weights: exact only on CPUs with V
 F32_OPSET21 = "float32, opset 21 (attention as MatMul/Softmax/NaN guard)"
 QD_DEFAULT = "ORT quantize_dynamic, defaults (also quantizes Attention)"
 QD_OPSET21 = "ORT quantize_dynamic on the opset-21 float32 file"
+QD_PC = "ORT quantize_dynamic, per_channel=True"  # the same math as qhl w8a8-tensor
+WT = "qhl w8a8-tensor"  # per-tensor uint8 activations (DynamicQuantizeLinear), default u8u8
+WT_U8S8 = "qhl w8a8-tensor, int8_operands=u8s8"
+WT_ORT = "qhl w8a8-tensor, u8s8, ort target"
 TOKENS = (1, 64, 256, 512)
 
 
@@ -101,6 +107,9 @@ def bench_stack(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
         ("qhl w8a8", "w8a8", {}),
         ("qhl w8a8 (ort target)", "w8a8", {"target": "onnxruntime"}),
         (U8S8, "w8a8", {"int8_operands": "u8s8"}),
+        (WT, "w8a8-tensor", {}),
+        (WT_U8S8, "w8a8-tensor", {"int8_operands": "u8s8"}),
+        (WT_ORT, "w8a8-tensor", {"int8_operands": "u8s8", "target": "onnxruntime"}),
         ("qhl w8a16", "w8a16", {}),
         ("qhl w4a16", "w4a16", {"group_size": 128}),
         ("qhl w4a16 (ort target)", "w4a16", {"group_size": 128, "target": "onnxruntime"}),
@@ -119,6 +128,7 @@ def bench_stack(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     files["ORT quantize_dynamic"] = quantize_dynamic_file(files["float32"], tmp / "stack_qdyn.onnx")
     export_s["ORT quantize_dynamic"] = time.perf_counter() - t0
+    files[QD_PC] = quantize_dynamic_file(files["float32"], tmp / "stack_qdyn_pc.onnx", per_channel=True)
     sessions = {n: _session(p) for n, p in files.items()}
     # not qhl's math: ORT's default accuracy level 4 quantizes the activations (per k-block int8)
     sessions[LEVEL4] = _session(files["qhl w4a16"], accuracy_level=4)
@@ -127,7 +137,8 @@ def bench_stack(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
         x = torch.randn(1, t, WIDTH, generator=torch.Generator().manual_seed(t))
         outs = {n: qort.run(s, (x,))[0] for n, s in sessions.items()}
         names = list(sessions) if t == 1 else ["float32", "qhl w8a8", ROUND, "qhl w8a8 (ort target)", U8S8,
-                                                   "ORT quantize_dynamic", "qhl w4a16", LEVEL4]
+                                                   WT, WT_U8S8, WT_ORT, "ORT quantize_dynamic", QD_PC,
+                                                   "qhl w4a16", LEVEL4]
         timing = round_robin({n: (lambda s=sessions[n], f={sessions[n].get_inputs()[0].name: x.numpy()}: s.run(None, f))
                               for n in names}, reps)
         base, best = timing["float32"]["median_ms"], timing["float32"]["min_ms"]
@@ -162,7 +173,10 @@ def bench_minilm(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
     files, export_s, torch_cos, notes = {}, {}, {}, []
     for name, recipe, kw in [("float32", "float", {}), (F32_OPSET21, "float", {"opset": 21}),
                              ("qhl w8a8", "w8a8", {}), ("qhl w8a8 (ort target)", "w8a8", {"target": "onnxruntime"}),
-                             (U8S8, "w8a8", {"int8_operands": "u8s8"}), ("qhl w8a16", "w8a16", {}), ("qhl w4a16", "w4a16", {})]:
+                             (U8S8, "w8a8", {"int8_operands": "u8s8"}), (WT, "w8a8-tensor", {}),
+                             (WT_U8S8, "w8a8-tensor", {"int8_operands": "u8s8"}),
+                             (WT_ORT, "w8a8-tensor", {"int8_operands": "u8s8", "target": "onnxruntime"}),
+                             ("qhl w8a16", "w8a16", {}), ("qhl w4a16", "w4a16", {})]:
         tag = "_".join(str(v) for v in kw.values()) or "std"
         res = export_onnx(enc, example, tmp / f"minilm_{recipe}_{tag}.onnx", recipe=recipe, **kw)
         files[name], export_s[name] = res.path, res.seconds
@@ -173,6 +187,7 @@ def bench_minilm(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
     # is_causal attribute); quantizing only the MatMuls is its fair equivalent of qhl's w8a8 (both
     # leave attention float). Also on the opset-21 float file, where its defaults work.
     for name, src, kw in [(QD_DEFAULT, "float32", {}), ("ORT quantize_dynamic", "float32", {"op_types_to_quantize": ["MatMul"]}),
+                          (QD_PC, "float32", {"op_types_to_quantize": ["MatMul"], "per_channel": True}),
                           (QD_OPSET21, F32_OPSET21, {})]:
         t0 = time.perf_counter()
         path = quantize_dynamic_file(files[src], tmp / f"minilm_qdyn_{len(files)}.onnx", **kw)

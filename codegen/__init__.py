@@ -10,6 +10,7 @@ from qhl.codegen import per_token_quant, w4a16, w8a8, w8a16  # noqa: F401  (regi
 from qhl.codegen import gralora  # noqa: F401,E402  (registers qhl::gralora_*)
 from qhl.codegen import w4ax  # noqa: F401,E402  (registers qhl::w4a8_linear, qhl::w4a4_linear)
 from qhl.codegen import blocklr, lr_w4a16  # noqa: F401,E402  (registers qhl::blocklr_linear, qhl::lr_w4a16_linear)
+from qhl.codegen import w8a8_tensor  # noqa: F401,E402  (registers qhl::w8a8_tensor_linear)
 from qhl.codegen import hadamard  # noqa: F401,E402  (registers qhl::hadamard, qhl::hadamard_quantize_per_token)
 
 __all__ = ["per_token_quant", "w8a8", "w8a16", "w4a16", "gralora"]

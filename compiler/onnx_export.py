@@ -275,7 +275,8 @@ def _store_int4_codes(model: Any) -> int:
 
 
 # (op type, domain) of integer GEMMs -> index of their b_zero_point input
-_INT_GEMMS = {("MatMulInteger", ""): 3, ("MatMulInteger", "ai.onnx"): 3, ("MatMulIntegerToFloat", "com.microsoft"): 5}
+_INT_GEMMS = {("MatMulInteger", ""): 3, ("MatMulInteger", "ai.onnx"): 3, ("MatMulIntegerToFloat", "com.microsoft"): 5,
+              ("DynamicQuantizeMatMul", "com.microsoft"): 3}
 
 
 def _unsigned_int8_weights(model: Any) -> int:

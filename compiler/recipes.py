@@ -26,6 +26,7 @@ RECIPE_VERSION = 1
 # Quantized matmul forms this version knows, and what each stores.
 FORMS: dict[str, str] = {
     "w8a8": "int8 per-channel weights, dynamic per-token int8 activations",
+    "w8a8-tensor": "int8 per-channel weights, dynamic per-tensor uint8 activations (ONNX DynamicQuantizeLinear)",
     "w8a16": "int8 per-channel weights, float activations (weight-only)",
     "w4a16": "int4 group-wise weights, float activations (weight-only)",
     "w4a8": "int4 per-channel weights, dynamic per-token int8 activations",
@@ -315,6 +316,8 @@ def _presets() -> dict[str, Recipe]:
         _PRESETS.update(
             {
                 "w8a8": _preset("w8a8", "w8a8", FORMS["w8a8"]),
+                # ORT's fused DynamicQuantizeMatMul path; per-tensor activations suit encoders, not LLMs
+                "w8a8-tensor": _preset("w8a8-tensor", "w8a8-tensor", FORMS["w8a8-tensor"]),
                 "w8a16": _preset("w8a16", "w8a16", FORMS["w8a16"]),
                 # weight_clip="grid": measured better than plain rounding and than torchao's int4
                 # grid on SmolLM2 (g64 and g128, six windows each) and MiniLM (codegen/quant.py).

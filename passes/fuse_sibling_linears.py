@@ -9,8 +9,9 @@ Inductor compiles one kernel where it compiled three. On SmolLM2 that is 4 GEMVs
 of 7, and Inductor's codegen time grows with the number of kernels (~0.25 s each on 2 cores).
 
 Exact, not approximate: each output channel keeps its own rows of the weight, scale, zero point
-and bias, and x's quantization (per token, or a per-token Hadamard rotation) depends on x alone,
-which the siblings share; so every output element is the spec's, computed as before.
+and bias, and x's quantization (per token, per tensor for w8a8-tensor, or a per-token Hadamard
+rotation) depends on x alone, which the siblings share; so every output element is the spec's,
+computed as before.
 
 A codegen pass: the torch.compile door runs it on each inference graph just before Inductor
 compiles it or before it runs op by op (CUDA's Triton kernels, CPU faces); recipe knob
@@ -49,8 +50,8 @@ def _fusable_ops() -> tuple[Any, ...]:
     import qhl.codegen  # noqa: F401 - registers the qhl:: ops
 
     ops = torch.ops.qhl
-    return (ops.w8a8_linear.default, ops.w8a16_linear.default, ops.w4a16_linear.default,
-            ops.w4a8_linear.default, ops.w4a4_linear.default)
+    return (ops.w8a8_linear.default, ops.w8a8_tensor_linear.default, ops.w8a16_linear.default,
+            ops.w4a16_linear.default, ops.w4a8_linear.default, ops.w4a4_linear.default)
 
 
 FUSABLE_OPS = _fusable_ops()

@@ -1,6 +1,7 @@
 """quantize_linear: selected canonical matmuls -> qhl:: quantized ops, weights packed once.
 
     linear(x, W, b)  ->  qhl.w8a8_linear(x, Wq, s_w, b)                       form "w8a8"
+    linear(x, W, b)  ->  qhl.w8a8_tensor_linear(x, Wq, s_w, b)                form "w8a8-tensor"
     linear(x, W, b)  ->  qhl.w8a16_linear(x, Wq, s_w, b)                      form "w8a16"
     linear(x, W, b)  ->  qhl.w4a16_linear(x, packed, s, z, group_size, b)     form "w4a16"
     linear(x, W, b)  ->  qhl.w4a8_linear(x, packed, s_w, b[, hadamard_block])  form "w4a8" (and "w4a4")
@@ -94,6 +95,12 @@ RULES: dict[str, Rule] = {
         lambda w, knobs: quant.quantize_int8_per_channel(w),
         torch.ops.qhl.w8a8_linear.default,
     ),
+    "w8a8-tensor": Rule(
+        "w8a8-tensor",
+        _check_any,
+        lambda w, knobs: quant.quantize_int8_per_channel(w),
+        torch.ops.qhl.w8a8_tensor_linear.default,
+    ),
     "w8a16": Rule(
         "w8a16",
         _check_any,
@@ -121,7 +128,7 @@ RULES: dict[str, Rule] = {
         torch.ops.qhl.lr_w4a16_linear.default, lambda knobs: (knobs["group_size"],),
     ),
 }
-_PACKED_NAMES = {"w8a8": ("wq", "w_scale"), "w8a16": ("wq", "w_scale"), "w4a16": ("w_packed", "w_scale", "w_zero"),
+_PACKED_NAMES = {"w8a8": ("wq", "w_scale"), "w8a8-tensor": ("wq", "w_scale"), "w8a16": ("wq", "w_scale"), "w4a16": ("w_packed", "w_scale", "w_zero"),
                  "w4a8": ("w_packed", "w_scale"), "w4a4": ("w_packed", "w_scale")}
 _PACKED_NAMES.update({"blocklr": ("lr_u", "lr_v"), "lr-w4a16": ("lr_l1", "lr_l2", "w_packed", "w_scale", "w_zero")})
 

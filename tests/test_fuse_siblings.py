@@ -47,7 +47,7 @@ def _ops(gm: torch.fx.GraphModule, op) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.target == op]
 
 
-@pytest.mark.parametrize("form", ["w8a8", "w8a16", "w4a16", "w4a8"])
+@pytest.mark.parametrize("form", ["w8a8", "w8a8-tensor", "w8a16", "w4a16", "w4a8"])
 def test_siblings_become_one_linear_and_slices(form):
     torch.manual_seed(0)
     model, x = _Attention(), torch.randn(2, 3, 64)
@@ -55,12 +55,13 @@ def test_siblings_become_one_linear_and_slices(form):
     before = _quantized(qhl.recipe(form, **knobs), model, x)
     kept = copy.deepcopy(before)
     res = fuse_sibling_linears(before)
-    op = getattr(qops, f"{form}_linear").default
+    op = getattr(qops, f"{form.replace('-', '_')}_linear").default
     assert res.changed and dict(res.stats) == {"groups": 1, "fused_linears": 3, "declined": 0}
     # Golden: one op over the concatenated weight, each old output a slice of its channels.
     expr = graph_expr(res.gm)
     fused = {
         "w8a8": "qhl.w8a8_linear.default(in1, attr<int8[128, 64]>, attr<float32[128]>, None)",
+        "w8a8-tensor": "qhl.w8a8_tensor_linear.default(in1, attr<int8[128, 64]>, attr<float32[128]>, None)",
         "w8a16": "qhl.w8a16_linear.default(in1, attr<int8[128, 64]>, attr<float32[128]>, None)",
         "w4a16": "qhl.w4a16_linear.default(in1, attr<uint8[128, 32]>, attr<float32[128, 2]>, attr<uint8[128, 2]>, 32, None)",
         "w4a8": "qhl.w4a8_linear.default(in1, attr<uint8[128, 32]>, attr<float32[128]>, None)",

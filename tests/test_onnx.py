@@ -26,6 +26,7 @@ from torch import nn
 import qhl
 import qhl.codegen.onnx
 from qhl.codegen import quant
+from qhl.codegen.w8a8_tensor import quantize_per_tensor_u8
 from qhl.errors import UnsupportedError
 
 ort = pytest.importorskip("onnxruntime")
@@ -142,6 +143,10 @@ def test_onnx_node_case_matches_spec_math(name):
             got = [ref_dequantize(ins[0], ins[1], ins[2] if len(ins) > 2 else None, axis, block)]
         elif op_type == "DynamicQuantizeLinear":
             got = list(ref_dynamic_quantize(ins[0]))
+            # and qhl's own spec face of it (w8a8-tensor's activation quantizer), bit for bit
+            q, s, z = quantize_per_tensor_u8(ins[0])
+            assert torch.equal(q.to(torch.int64), got[0].to(torch.int64)) and torch.equal(s, got[1].float())
+            assert int(z) == int(got[2])
         else:
             got = [ref_matmul_integer(*ins)]
         assert len(got) == len(expected)

@@ -312,19 +312,22 @@ def _buffers(gm):
     return [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
 
 
-@pytest.mark.parametrize("form", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("form", ["w8a8", "w8a8-tensor", "w8a16"])
 def test_quantize_int8_forms(form):
+    from qhl.codegen import w8a8_tensor
+
     model, x, before, res = _quantized(qhl.recipe(form))
     w, b = model[0].weight.detach(), model[0].bias.detach()
     wq_ref, ws_ref = quant.quantize_int8_per_channel(w)
-    op = getattr(qops, f"{form}_linear").default
+    op_name = form.replace("-", "_") + "_linear"
+    op = getattr(qops, op_name).default
 
     def expected(w_in, b_in, x_in):
         return (op(x_in, wq_ref, ws_ref, b_in),)
 
     assert graph_expr(res.gm) == expected_expr(expected)
     assert graph_expr(res.gm) == (
-        f"(qhl.{form}_linear.default(in2, attr<int8[48, 128]>, attr<float32[48]>, in1),)"
+        f"(qhl.{op_name}.default(in2, attr<int8[48, 128]>, attr<float32[48]>, in1),)"
     )
     wq, ws = _buffers(res.gm)
     assert wq.dtype == torch.int8 and wq.shape == (48, 128) and wq.is_contiguous()
@@ -335,9 +338,9 @@ def test_quantize_int8_forms(form):
     assert node.target == op and info.form == form and info.node_name == node.name
     assert (info.weight_bytes_before, info.weight_bytes_after) == (48 * 128 * 4, 48 * 128 + 48 * 4)
 
-    ref = getattr(quant, f"fake_quant_{form}_linear")(x, w, b)
+    ref = getattr(w8a8_tensor if form == "w8a8-tensor" else quant, f"fake_quant_{op_name}")(x, w, b)
     [out] = run_graph(res.gm)
-    # w8a8: int32 accumulation is exact, only the float32 epilogue rounds;
+    # w8a8 (both): int32 accumulation is exact, only the float32 epilogue rounds;
     # w8a16: float32 accumulation-order noise against the float64 reference.
     assert (out.double() - ref).norm() <= 1e-5 * ref.norm()
     _idempotent(quantize_linear, res.gm)

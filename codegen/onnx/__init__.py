@@ -2,6 +2,7 @@
 
     torch.ops.qhl.quantize_per_token  ->  per_token_quant.py   ReduceMax/ReduceMin scale + blocked QuantizeLinear
     torch.ops.qhl.w8a8_linear         ->  w8a8.py              uint8 (zp 128) QuantizeLinear + MatMulInteger + scale Muls
+    torch.ops.qhl.w8a8_tensor_linear  ->  w8a8_tensor.py       DynamicQuantizeLinear + MatMulInteger + Mul (ORT: DynamicQuantizeMatMul)
     torch.ops.qhl.w8a16_linear        ->  w8a16.py             Cast(int8 W) + MatMul + Mul
     torch.ops.qhl.w4a16_linear        ->  w4a16.py             blocked uint4 DequantizeLinear + MatMul
                                                                (target "onnxruntime": com.microsoft MatMulNBits)
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 import qhl.codegen  # noqa: F401  (registers the qhl:: ops named below)
-from qhl.codegen.onnx import per_token_quant, w4a16, w8a8, w8a16
+from qhl.codegen.onnx import per_token_quant, w4a16, w8a8, w8a8_tensor, w8a16
 from qhl.codegen.onnx.per_token_quant import DEFAULT_OPSET, set_opset
 from qhl.errors import UnsupportedError
 
@@ -44,6 +45,7 @@ ACCURACY_LEVEL = w4a16.ACCURACY_LEVEL
 FORM_MODULES: dict[str, tuple[Any, Any]] = {
     "quantize_per_token": (per_token_quant, torch.ops.qhl.quantize_per_token.default),
     "w8a8": (w8a8, torch.ops.qhl.w8a8_linear.default),
+    "w8a8-tensor": (w8a8_tensor, torch.ops.qhl.w8a8_tensor_linear.default),
     "w8a16": (w8a16, torch.ops.qhl.w8a16_linear.default),
     "w4a16": (w4a16, torch.ops.qhl.w4a16_linear.default),
 }

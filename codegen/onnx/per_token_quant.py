@@ -114,6 +114,12 @@ _MS_SCHEMAS: dict[str, Any] = {
         [("T1", ["tensor(int8)", "tensor(uint8)"]), ("T2", ["tensor(int8)", "tensor(uint8)"]),
          ("T3", ["tensor(float)", "tensor(float16)"])],
     ),
+    "DynamicQuantizeMatMul": (
+        [("A", "T1", False), ("B", "T2", False), ("b_scale", "T1", False), ("b_zero_point", "T2", True),
+         ("bias", "T1", True)],
+        [],
+        [("T1", ["tensor(float)"]), ("T2", ["tensor(int8)", "tensor(uint8)"])],
+    ),
 }
 
 

@@ -6,6 +6,7 @@ Each kernel family owns a template (a string holding the kernel body) in its own
 
     per_token_quant   codegen/triton/per_token_quant.py   x [T, K] -> (q int8, scale), qmax 127 or 7
     w8a8              codegen/triton/w8a8.py              per-token quant + int8 GEMM + dequant
+    w8a8-tensor       codegen/triton/w8a8_tensor.py       per-tensor uint8 quant + zero-point GEMM
     w8a16, w4a16      codegen/triton/weight_only.py       dequantizing GEMM, fp32 accumulation
 
 The forms whose kernels are written once (w4a8/w4a4 GEMM, GraLoRA, block low-rank, FWHT) show
@@ -68,6 +69,7 @@ TEMPLATE_VERSION = 1
 FAMILIES: dict[str, str] = {
     "per_token_quant": "qhl.codegen.triton.per_token_quant",
     "w8a8": "qhl.codegen.triton.w8a8",
+    "w8a8-tensor": "qhl.codegen.triton.w8a8_tensor",
     "w8a16": "qhl.codegen.triton.weight_only",
     "w4a16": "qhl.codegen.triton.weight_only",
 }
@@ -86,6 +88,8 @@ MIN_BLOCK_K = {"int8": 32, "float16": 16, "bfloat16": 16, "float32": 8}
 MIN_BLOCK_MN = 16
 MAX_BLOCK = 64  # default ceiling for BLOCK_N / BLOCK_K: keeps the register tile modest on a GPU
 MAX_QUANT_BLOCK_K = 1024
+# Families whose tl.dot operands are int8 whatever x's dtype (their prologue quantizes x).
+INT8_DOT_FAMILIES = ("w8a8", "w8a8-tensor")
 
 
 def interpret_mode() -> bool:
@@ -116,7 +120,7 @@ class KernelSpec:
     @property
     def name(self) -> str:
         """The kernel's function name: readable in profiles and in `qhl inspect`."""
-        parts = [f"qhl_{self.family}", f"k{self.K}"]
+        parts = [f"qhl_{self.family.replace('-', '_')}", f"k{self.K}"]  # an identifier
         if self.family != "per_token_quant":
             parts.append(f"n{self.N}")
         if self.group_size:
@@ -134,7 +138,7 @@ class KernelSpec:
 
     @property
     def dot_dtype(self) -> str:
-        """The tl.dot operand type of the weight-only families (w8a8 always dots int8)."""
+        """The tl.dot operand type of the weight-only families (INT8_DOT_FAMILIES dot int8)."""
         if self.dtype == "bfloat16" and self.interpret:
             # The interpreter's bf16 dot multiplies bit patterns (triton-lang/triton#11584).
             return "tl.float32"
@@ -173,7 +177,7 @@ def check_blocks(
             raise KernelError(f"{family}: {label}={b} must be a positive power of two (tl.arange)")
     if family == "per_token_quant":
         return
-    operand = "int8" if family == "w8a8" else dtype
+    operand = "int8" if family in INT8_DOT_FAMILIES else dtype
     if block_k < MIN_BLOCK_K[operand]:
         raise KernelError(
             f"{family}: BLOCK_K={block_k} is below the GPU minimum for {operand} tl.dot "
@@ -225,7 +229,7 @@ def make_spec(
         block_n = 0
         block_k = block_k or min(_next_pow2(K), MAX_QUANT_BLOCK_K)
     else:
-        operand = "int8" if family == "w8a8" else name
+        operand = "int8" if family in INT8_DOT_FAMILIES else name
         block_n = block_n or min(max(_next_pow2(N), MIN_BLOCK_MN), MAX_BLOCK)
         if block_k is None:
             block_k = min(max(_next_pow2(K), MIN_BLOCK_K[operand], 32), MAX_BLOCK)
