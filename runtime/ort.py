@@ -9,6 +9,16 @@ Accuracy level: ORT fuses DequantizeLinear -> MatMul into com.microsoft::MatMulN
 default session options gives the fused node accuracy_level 4, which quantizes the *activations*
 to int8 (W4A8 math, not qhl's W4A16). Sessions made here set
 `session.qdq_matmulnbits_accuracy_level` to "0" (activations stay float) unless told otherwise.
+
+Skip-LayerNorm fusion: sessions made here turn off ORT's `SkipLayerNormFusion` (Add + LayerNorm ->
+com.microsoft SkipLayerNormalization; Add + RMSNorm -> SkipSimplifiedLayerNormalization). In ONNX
+Runtime 1.32 on CPU the fused kernel is slower than the two ops it replaces: MiniLM at 8 x 128
+tokens spent 11.0 ms in 12 SkipLayerNormalization nodes against 2.6 ms of LayerNormalization
++ 1.1 ms of Add without the fusion (ORT profile, AMD EPYC Zen 5, 2026-12-05). Whole-model, in one
+round-robin run: MiniLM float32 1.12x faster, its w8a8/w8a8-tensor/quantize_dynamic files
+1.22-1.34x; SmolLM2 at 128 tokens float32 1.06x, w8a8 1.22x. The outputs are the same math
+(float32 MiniLM within 7e-6, SmolLM2 identical). `skip_layernorm_fusion=True` keeps ORT's default;
+in your own session: `InferenceSession(..., disabled_optimizers=["SkipLayerNormFusion"])`.
 """
 from __future__ import annotations
 
@@ -25,11 +35,14 @@ import torch
 
 from qhl.errors import UnsupportedError
 
-__all__ = ["session", "run", "compare", "timeit", "time_session", "OPTIMIZATION_LEVELS", "u8s8_is_exact"]
+__all__ = ["session", "run", "compare", "timeit", "time_session", "OPTIMIZATION_LEVELS", "DISABLED_OPTIMIZERS",
+           "u8s8_is_exact"]
 
 log = logging.getLogger(__name__)
 
 OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disable")
+# ORT graph optimizers qhl's sessions turn off (measured slower than what they replace; see above)
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 def session(
@@ -39,12 +52,17 @@ def session(
     threads: int | None = None,
     providers: list[str] | None = None,
     spinning: bool | None = None,
+    skip_layernorm_fusion: bool = False,
+    save_optimized: str | os.PathLike | None = None,
 ) -> Any:
     """An onnxruntime.InferenceSession with qhl's settings (see the module docstring).
 
     `spinning=False` stops ORT's intra-op threads from busy-waiting between nodes
     (`session.intra_op.allow_spinning = 0`); None keeps ORT's default (on). On a small machine
-    shared with other work, off was faster for every model measured (docs/onnx.md)."""
+    shared with other work, off was faster for every model measured (docs/onnx.md).
+    `skip_layernorm_fusion=False` (the default) turns off ORT's SkipLayerNormFusion, which is
+    slower than the ops it fuses on CPU (the module docstring has the measurement).
+    `save_optimized`: also write the graph ORT will run (after its fusions) to this path."""
     import onnxruntime as ort
 
     levels = {
@@ -66,7 +84,10 @@ def session(
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3  # errors only: ORT warns about every unused initializer it removes
     src = path if isinstance(path, bytes) else str(path)
-    sess = ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
+    if save_optimized is not None:
+        so.optimized_model_filepath = str(save_optimized)
+    disabled = [] if skip_layernorm_fusion else list(DISABLED_OPTIMIZERS)
+    sess = ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"], disabled_optimizers=disabled)
     _warn_if_inexact(sess, src)
     return sess
 

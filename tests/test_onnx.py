@@ -690,3 +690,30 @@ def test_session_spinning_knob(spinning, entry):
     sess = qort.session(model.SerializeToString(), spinning=spinning)
     assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == entry
     np.testing.assert_array_equal(sess.run(None, {"x": x})[0], [0.0, 2.0])
+
+
+def test_qhl_sessions_turn_off_skip_layernorm_fusion(tmp_path):
+    """ORT 1.32's fused SkipLayerNormalization is slower on CPU than Add + LayerNormalization
+    (runtime/ort.py has the measurement): qhl's sessions run the two ops, with the same result."""
+    from collections import Counter
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.norm = torch.nn.Linear(32, 32), torch.nn.LayerNorm(32)
+
+        def forward(self, x):
+            return self.norm(x + self.fc(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 32)
+    res = qhl.export_onnx(Block().eval(), (x,), tmp_path / "block.onnx", recipe="float")
+    outs = {}
+    for fused in (False, True):
+        path = tmp_path / f"optimized_{fused}.onnx"
+        sess = qort.session(res.path, skip_layernorm_fusion=fused, save_optimized=path)
+        ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+        assert (ops.get("SkipLayerNormalization", 0) == 1) == fused, ops
+        assert (ops.get("LayerNormalization", 0) == 1) != fused, ops
+        outs[fused] = qort.run(sess, (x,))[0]
+    np.testing.assert_allclose(outs[False], outs[True], rtol=1e-5, atol=1e-5)

@@ -212,3 +212,4 @@ def test_config_model_exports_and_matches_torch(tmp_path):
     res = qhl.export_onnx(model, (ids,), tmp_path / "bert.onnx", recipe="w8a8-tensor")
     assert {r.form for r in res.report.rewritten} == {"w8a8-tensor"}
     assert qort.compare(res.path, res.report.graph_module, (ids,))["cosine"] >= 0.9999
+
