@@ -26,7 +26,9 @@ Faces:
           exact where the CPU has VNNI/AMX) minus z * sum_k Wq[n, k], else on the codes - 128 as
           int8 plus (128 - z) * sum_k Wq[n, k]; the column sums are cached once per weight. Where
           the CPU has no fast int8 GEMM (AVX2 alone) a float32 GEMM over the exact integer
-          products (float32 sums), like w8a8's 'f32' plan;
+          products (float32 sums), like w8a8's 'f32' plan; w8a8_tensor_linear_decomposed is the
+          same math in aten ops, which Inductor's CPU codegen lowers 5+ tokens to (the column sums
+          as an extra row of ones in the GEMM, since a graph holds no per-weight cache);
   fake    shape [..., N], dtype of x;
   kernel  codegen/triton/w8a8_tensor.py (CUDA);
   grad    straight-through for x: dx = dy @ (Wq * s_w); db = sum(dy). The weight is frozen;
@@ -44,10 +46,12 @@ from qhl.codegen import cpu_onednn, quant
 from qhl.codegen.w8a8 import float_codes
 from qhl.runtime.packed import DerivedCache
 
-__all__ = ["w8a8_tensor_linear", "w8a8_tensor_linear_spec", "quantize_per_tensor_u8", "int_gemm_zero_point",
+__all__ = ["w8a8_tensor_linear", "w8a8_tensor_linear_spec", "w8a8_tensor_linear_decomposed", "quantize_per_tensor_u8",
+           "int_gemm_zero_point",
            "fake_quant_w8a8_tensor_linear", "weight_column_sums"]
 
 QMAX_U8 = 255
+DECOMPOSE_MIN_TOKENS = 4  # fewer tokens: the op's CPU face (a GEMV; the extra row would double it)
 
 # sum_k Wq[n, k] (int32 [N]) of each int8 weight: the zero-point correction of the integer GEMM.
 weight_column_sums = DerivedCache(lambda w_int8: w_int8.sum(dim=1, dtype=torch.int32))
@@ -139,3 +143,37 @@ def _backward(ctx, grad: Tensor):
 
 
 w8a8_tensor_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def w8a8_tensor_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]):
+    """The spec in aten ops, for Inductor's CPU codegen (runtime/inductor_cpu.py): D becomes a fused
+    min/max reduction and quantize loop, the GEMM one extern s8 `_int_mm`, the epilogue a fused
+    loop. The zero-point correction needs sum_k Wq[n, k], which the CPU face caches per weight;
+    a graph cannot (its weights are inputs), so a row of ones rides along in the GEMM: row m of
+    [q - 128; 1] @ Wq^T is the column sums, at the cost of one more row (free for a GEMV, which
+    reads the weight once either way). Exact in int32. Returns NotImplemented (the op stays a call
+    to its CPU face) off the CPU and where the CPU has no fast int8 GEMM."""
+    if x.device.type != "cpu" or not cpu_onednn.int8_gemm_is_fast():
+        return NotImplemented
+    n, k = w_int8.shape
+    m = x.reshape(-1, k).shape[0]
+    if not isinstance(m, int) or m <= DECOMPOSE_MIN_TOKENS:
+        return NotImplemented
+    xf = x.reshape(-1, k).float()
+    lo = xf.amin().clamp(max=0.0)
+    hi = xf.amax().clamp(min=0.0)
+    s = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / QMAX_U8)
+    z = torch.round((0.0 - lo / s).clamp(0.0, QMAX_U8))
+    q = (torch.round(xf / s) + z).clamp(0, QMAX_U8)
+    if cpu_onednn.x86_has_int8_vnni():  # u8 x s8, exact with VNNI: [q; 1] @ Wq^T, minus z * colsum
+        a = torch.cat([q.to(torch.uint8), torch.ones(1, k, dtype=torch.uint8)])
+        acc_all = torch.ops.aten._int_mm.default(a, w_int8.t())
+        acc = acc_all[:-1] - z.to(torch.int32) * acc_all[-1:]
+    else:  # s8: [q - 128; 1] @ Wq^T, plus (128 - z) * colsum
+        a = torch.cat([(q - 128).to(torch.int8), torch.ones(1, k, dtype=torch.int8)])
+        acc_all = torch.ops.aten._int_mm.default(a, w_int8.t())
+        acc = acc_all[:-1] + (128 - z.to(torch.int32)) * acc_all[-1:]
+    y = acc.float() * (s * w_scale.float())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

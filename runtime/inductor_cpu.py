@@ -54,10 +54,12 @@ def cpu_decompositions() -> dict[Any, Callable[..., Any]]:
     from qhl.codegen.w4a16 import w4a16_linear_decomposed
     from qhl.codegen.w4ax import w4a4_linear_decomposed, w4a8_linear_decomposed
     from qhl.codegen.w8a8 import w8a8_linear_decomposed
+    from qhl.codegen.w8a8_tensor import w8a8_tensor_linear_decomposed
     from qhl.codegen.w8a16 import w8a16_linear_decomposed
 
     return {
         torch.ops.qhl.w8a8_linear.default: w8a8_linear_decomposed,
+        torch.ops.qhl.w8a8_tensor_linear.default: w8a8_tensor_linear_decomposed,
         torch.ops.qhl.w8a16_linear.default: w8a16_linear_decomposed,
         torch.ops.qhl.w4a16_linear.default: w4a16_linear_decomposed,
         torch.ops.qhl.w4a8_linear.default: w4a8_linear_decomposed,
@@ -67,8 +69,8 @@ def cpu_decompositions() -> dict[Any, Callable[..., Any]]:
 
 # The sources whose code decides what a decomposition emits (the ops, their CPU plans, the prepacked
 # GEMM): part of the compiled-code cache key, so that a changed qhl never reuses stale code.
-_DECOMPOSITION_SOURCES = ("codegen/w8a8.py", "codegen/w8a16.py", "codegen/cpu_onednn.py", "codegen/quant.py",
-                          "codegen/cpu_fused.py", "codegen/w4a16.py", "codegen/w4ax.py",
+_DECOMPOSITION_SOURCES = ("codegen/w8a8.py", "codegen/w8a8_tensor.py", "codegen/w8a16.py", "codegen/cpu_onednn.py",
+                          "codegen/quant.py", "codegen/cpu_fused.py", "codegen/w4a16.py", "codegen/w4ax.py",
                           "runtime/inductor_cpu.py")
 
 

@@ -213,3 +213,45 @@ def test_config_model_exports_and_matches_torch(tmp_path):
     assert {r.form for r in res.report.rewritten} == {"w8a8-tensor"}
     assert qort.compare(res.path, res.report.graph_module, (ids,))["cosine"] >= 0.9999
 
+
+
+def test_inductor_graph_holds_the_integer_gemm_and_equals_the_op_by_op_graph(int8_gemm):
+    """Under torch.compile's CPU codegen, 5+ tokens lower to aten ops: the per-tensor quantize and
+    the dequantize become Inductor loops around one `_int_mm` per layer, whose extra row of ones
+    gives the column sums (no per-weight cache inside a graph); no call of the op is left, and
+    the result is the op-by-op graph's."""
+    from torch._inductor.utils import run_and_get_code
+
+    int8_gemm("int8")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(128, 128) for _ in range(3)]).eval()
+    x = torch.randn(16, 128) + 0.3
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = torch.compile(model, backend=qhl.backend("w8a8-tensor", cpu_codegen="spec"))(x)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model, backend=qhl.backend("w8a8-tensor"), dynamic=False), x)
+    source = "\n".join(codes)
+    assert source.count("_int_mm(") == 3
+    assert "torch.ops.qhl.w8a8_tensor_linear.default(" not in source
+    assert float((out.double() - ref.double()).norm() / ref.double().norm()) < 1e-6
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_decomposition_equals_the_spec_on_both_gemm_formulations(vnni, int8_gemm, monkeypatch):
+    """The aten decomposition run eagerly: u8 x s8 (VNNI) and s8 x s8 with their extra row of
+    ones both give the spec's integers, so the same floats; few tokens decline (op call)."""
+    if vnni and not cpu_onednn.x86_has_int8_vnni():
+        pytest.skip("u8 x s8 is exact only with VNNI/AMX")
+    int8_gemm("int8")
+    monkeypatch.setattr(cpu_onednn, "x86_has_int8_vnni", lambda: vnni)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 80, generator=gen)
+    wq, ws = quant.quantize_int8_per_channel(w)
+    b = torch.randn(24, generator=gen)
+    x = torch.randn(2, 9, 80, generator=gen) * 2 + 1
+    got = wt.w8a8_tensor_linear_decomposed(x, wq, ws, b)
+    want = wt.w8a8_tensor_linear_spec(x, wq, ws, b)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert wt.w8a8_tensor_linear_decomposed(x[:1, :wt.DECOMPOSE_MIN_TOKENS], wq, ws, b) is NotImplemented
