@@ -1,7 +1,8 @@
 """CPU speed of qhl's compiled quantized matmuls against eager float32 and torchao, in one run.
 
 (a) four nn.Linear(4096, 4096) in a row at 1/64/256/512 tokens: eager float32, qhl w8a8
-    (`torch.compile(backend="qhl")`), torchao Int8DynamicActivationInt8WeightConfig + inductor.
+    (`torch.compile(backend="qhl")`), torchao Int8DynamicActivationInt8WeightConfig + inductor, and
+    qhl w8a8-tensor (one activation scale per call, the form ONNX Runtime fuses).
 (b) qhl w8a16 and w4a16 (g128) on the same stack at 1 token, against eager float32; and the same
     with w8a8 at 4 tokens (a small decode batch), where the CPU faces still run one GEMV per token.
 (c) wall-clock of SmolLM2-135M's first call under qhl w8a8 (capture + passes + packing).
@@ -118,12 +119,14 @@ def part_a(tokens: list[int], warmup: int, reps: int, rounds: int) -> list[dict[
     torch._dynamo.reset()
     model = stack()
     qhl_c = compile_qhl(model, "w8a8")
+    qt_c = compile_qhl(model, "w8a8-tensor")  # one activation scale per call (ONNX Runtime's form)
     ao_c = compile_torchao(model)
     xs = {m: torch.randn(m, WIDTH) for m in tokens}
     benches = {}
     for m, x in xs.items():
         log.info("(a) %d tokens: compiling eager / qhl w8a8 / torchao int8dq", m)
-        fns = {"eager": lambda x=x: model(x), "qhl": lambda x=x: qhl_c(x), "torchao": lambda x=x: ao_c(x)}
+        fns = {"eager": lambda x=x: model(x), "qhl": lambda x=x: qhl_c(x), "torchao": lambda x=x: ao_c(x),
+               "qhl w8a8-tensor": lambda x=x: qt_c(x)}
         benches[m] = Bench(fns, warmup)
     # Rounds spread each token count's samples over the whole run, so a burst of load from a
     # neighbour lands on every token count rather than ruining one of them.
@@ -136,13 +139,14 @@ def part_a(tokens: list[int], warmup: int, reps: int, rounds: int) -> list[dict[
         r = benches[m].summary()
         with torch.no_grad():
             ref = model(x)
-            for name, fn in (("qhl", qhl_c), ("torchao", ao_c)):
+            for name, fn in (("qhl", qhl_c), ("torchao", ao_c), ("qhl w8a8-tensor", qt_c)):
                 if "error" not in r[name]:
                     r[name]["sqnr_db"] = sqnr_db(ref, fn(x))
         e, q, t = (r[k]["median_ms"] for k in ("eager", "qhl", "torchao"))
         rows.append(dict(tokens=m, results=r, qhl_speedup_vs_eager=e / q, torchao_speedup_vs_eager=e / t,
                          qhl_vs_torchao=t / q, qhl_speedup_range=_ratio_range(r["eager"], r["qhl"]),
-                         qhl_vs_torchao_range=_ratio_range(r["torchao"], r["qhl"])))
+                         qhl_vs_torchao_range=_ratio_range(r["torchao"], r["qhl"]),
+                         qhl_tensor_speedup_vs_eager=e / r["qhl w8a8-tensor"]["median_ms"]))
         log.info("(a) %4d tokens: eager %.2f ms | qhl %.2f ms (%.2fx) | torchao %.2f ms (%.2fx) | "
                  "qhl/torchao speed %.2fx", m, e, q, e / q, t, e / t, t / q)
     return rows
@@ -239,8 +243,8 @@ def markdown(res: dict[str, Any]) -> str:
         "quantization and dequantization included). [a-b] = range of the ratio over the rounds.", "",
         f"**(a) {DEPTH} x nn.Linear({WIDTH}, {WIDTH}), w8a8**", "",
         "| tokens | eager fp32 (ms) | qhl w8a8 (ms) | torchao int8dq + inductor (ms) | qhl vs eager | "
-        "torchao vs eager | qhl vs torchao | SQNR qhl / torchao (dB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "torchao vs eager | qhl vs torchao | SQNR qhl / torchao (dB) | qhl w8a8-tensor vs eager (SQNR dB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in res["a"]:
         r = row["results"]
@@ -249,7 +253,9 @@ def markdown(res: dict[str, Any]) -> str:
             f"{row['qhl_speedup_vs_eager']:.2f}x {_rng(row['qhl_speedup_range'])} | "
             f"{row['torchao_speedup_vs_eager']:.2f}x | "
             f"{row['qhl_vs_torchao']:.2f}x {_rng(row['qhl_vs_torchao_range'])} | "
-            f"{r['qhl'].get('sqnr_db', math.nan):.1f} / {r['torchao'].get('sqnr_db', math.nan):.1f} |")
+            f"{r['qhl'].get('sqnr_db', math.nan):.1f} / {r['torchao'].get('sqnr_db', math.nan):.1f} | "
+            f"{row.get('qhl_tensor_speedup_vs_eager', math.nan):.2f}x "
+            f"({r.get('qhl w8a8-tensor', {}).get('sqnr_db', math.nan):.1f}) |")
     lines += ["", "qhl vs torchao > 1 means qhl is faster.", "",
               "**(b) weight-only at 1 token, and at 4 tokens with w8a8**", "",
               "| tokens | variant | ms | vs eager fp32 | SQNR (dB) |", "|---:|---|---:|---:|---:|"]
