@@ -1,4 +1,4 @@
-"""qhl::w8a8_tensor_linear — int8 weights (per output channel), dynamic per-tensor uint8 activations.
+"""qhl::w8a8_tensor_linear — int8 weights per output channel, dynamic per-tensor uint8 activations.
 
     q, s, z = D(x)                                   ONNX DynamicQuantizeLinear over the whole x
     acc[m, n] = sum_k (q[m, k] - z) * Wq[n, k]       exact in int32
@@ -46,9 +46,9 @@ from qhl.codegen import cpu_onednn, quant
 from qhl.codegen.w8a8 import float_codes
 from qhl.runtime.packed import DerivedCache
 
-__all__ = ["w8a8_tensor_linear", "w8a8_tensor_linear_spec", "w8a8_tensor_linear_decomposed", "quantize_per_tensor_u8",
-           "int_gemm_zero_point",
-           "fake_quant_w8a8_tensor_linear", "weight_column_sums"]
+__all__ = ["w8a8_tensor_linear", "w8a8_tensor_linear_spec", "w8a8_tensor_linear_decomposed",
+           "quantize_per_tensor_u8", "int_gemm_zero_point", "fake_quant_w8a8_tensor_linear",
+           "weight_column_sums"]
 
 QMAX_U8 = 255
 DECOMPOSE_MIN_TOKENS = 4  # fewer tokens: the op's CPU face (a GEMV; the extra row would double it)
@@ -86,7 +86,8 @@ def int_gemm_zero_point(q: Tensor, z: Tensor, w_int8: Tensor) -> Tensor:
     return torch._int_mm(c, w_int8.t()).add_(col * (128 - zi))
 
 
-def w8a8_tensor_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def w8a8_tensor_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor,
+                            bias: Optional[Tensor]) -> Tensor:
     n, k = w_int8.shape
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
@@ -110,7 +111,8 @@ def fake_quant_w8a8_tensor_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> 
 
 
 @torch.library.custom_op("qhl::w8a8_tensor_linear", mutates_args=())
-def w8a8_tensor_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def w8a8_tensor_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor,
+                       bias: Optional[Tensor]) -> Tensor:
     """Spec face: see the module docstring."""
     return w8a8_tensor_linear_spec(x, w_int8, w_scale, bias)
 
@@ -145,7 +147,8 @@ def _backward(ctx, grad: Tensor):
 w8a8_tensor_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def w8a8_tensor_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]):
+def w8a8_tensor_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor,
+                                  bias: Optional[Tensor]):
     """The spec in aten ops, for Inductor's CPU codegen (runtime/inductor_cpu.py): D becomes a fused
     min/max reduction and quantize loop, the GEMM one extern s8 `_int_mm`, the epilogue a fused
     loop. The zero-point correction needs sum_k Wq[n, k], which the CPU face caches per weight;

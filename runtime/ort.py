@@ -35,8 +35,8 @@ import torch
 
 from qhl.errors import UnsupportedError
 
-__all__ = ["session", "run", "compare", "timeit", "time_session", "OPTIMIZATION_LEVELS", "DISABLED_OPTIMIZERS",
-           "u8s8_is_exact"]
+__all__ = ["session", "run", "compare", "timeit", "time_session", "OPTIMIZATION_LEVELS",
+           "DISABLED_OPTIMIZERS", "u8s8_is_exact"]
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ def session(
     if save_optimized is not None:
         so.optimized_model_filepath = str(save_optimized)
     disabled = [] if skip_layernorm_fusion else list(DISABLED_OPTIMIZERS)
-    sess = ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"], disabled_optimizers=disabled)
+    sess = ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
     _warn_if_inexact(sess, src)
     return sess
 

@@ -1,8 +1,8 @@
 """ONNX face of qhl::w8a8_tensor_linear: per-tensor uint8 activations x per-channel int8 weights.
 
     x [..., K] float ─ DynamicQuantizeLinear ─ q uint8, s [], z uint8 [] ─┐
-    Wq [N, K] int8 ── Transpose (folded at export) ── Wq^T [K, N] ────────┴─ MatMulInteger(q, Wq^T, z)
-      ─ Cast(float) ─ Mul(Mul(s, s_w [N])) ─ Add(b)                                    = y [..., N]
+    Wq [N, K] int8 ── Transpose (folded) ── Wq^T [K, N] ──────────────────┴ MatMulInteger(q, Wq^T, z)
+      ─ Cast(float) ─ Mul(Mul(s, s_w [N])) ─ Add(b)                                     = y [..., N]
 
 This is the op pattern ONNX Runtime's own `quantize_dynamic` writes, and ORT's graph optimizer
 fuses it (level 2, ORT_ENABLE_EXTENDED and above) into one com.microsoft `DynamicQuantizeMatMul`
