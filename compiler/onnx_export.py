@@ -45,6 +45,7 @@ import torch
 from torch import fx
 
 from qhl.capture import no_kv_cache
+from qhl.onnx_attention import fold_attention_head_transposes
 from qhl.errors import QhlError, UnsupportedError
 from qhl.graph import MATMUL_META, module_path_of
 
@@ -317,6 +318,12 @@ def _unsigned_int8_weights(model: Any) -> int:
     return changed
 
 
+def _remove_unused_nodes(model: Any) -> None:
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+
+
 def _ops_histogram(model: Any) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
@@ -414,6 +421,8 @@ def export_onnx(
     _store_int4_codes(model_ir)
     if int8_operands == "u8u8":
         _unsigned_int8_weights(model_ir)
+    if fold_attention_head_transposes(model_ir):
+        _remove_unused_nodes(model_ir)
     model_ir.producer_name = "qhl"
     model_ir.metadata_props["qhl.recipe"] = report.recipe.to_json(indent=None)
     model_ir.metadata_props["qhl.target"] = target

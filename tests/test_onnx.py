@@ -749,3 +749,42 @@ def test_minilm_export_w8a8_tensor(tmp_path):
     cos_onnx = np.mean([_cos(a, b) for a, b in zip(emb(got), emb(ref))])
     cos_torch = np.mean([_cos(a, b) for a, b in zip(emb(want), emb(ref))])
     assert cos_onnx >= 0.99 and abs(cos_onnx - cos_torch) < 1e-3, (cos_onnx, cos_torch)  # measured 0.9931
+
+
+def _attention_nodes(path):
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type == "Attention"]
+
+
+def test_attention_takes_3d_tensors_without_head_transposes(tmp_path, monkeypatch):
+    """BERT's view/transpose around scaled_dot_product_attention becomes Attention's own 3-D form
+    (q_num_heads/kv_num_heads): the same floats in ORT, four copies fewer a layer."""
+    import qhl.onnx_export as onnx_export
+
+    models = pytest.importorskip("qhl.models")
+    pytest.importorskip("transformers")
+    model, (ids,) = models.config_model("bert", attn_implementation="sdpa")
+    res = export_onnx(model, (ids,), tmp_path / "bert.onnx", recipe="w8a8")
+    nodes = _attention_nodes(res.path)
+    assert nodes and all({a.name for a in n.attribute} >= {"q_num_heads", "kv_num_heads"} for n in nodes)
+    assert "Transpose" not in res.ops
+    monkeypatch.setattr(onnx_export, "fold_attention_head_transposes", lambda model: 0)
+    plain = export_onnx(model, (ids,), tmp_path / "bert_4d.onnx", recipe="w8a8")
+    assert plain.ops.get("Transpose", 0) == 4 * len(nodes)  # q, k, v and the output, per layer
+    ids2 = torch.randint(0, 1000, (3, 11), generator=torch.Generator().manual_seed(1))
+    for inp in (ids, ids2):
+        a = qort.run(qort.session(res.path), (inp,))[0]
+        b = qort.run(qort.session(plain.path), (inp,))[0]
+        np.testing.assert_array_equal(a, b)
+        assert qort.compare(res.path, res.report.graph_module, (inp,))["cosine"] >= 0.9999
+
+
+def test_attention_with_rotary_embeddings_keeps_its_transposes(tmp_path):
+    # Llama applies RoPE between the head transpose and the attention: not the chain the rewrite
+    # knows, so the graph stays as torch.onnx wrote it (and still runs right).
+    models = pytest.importorskip("qhl.models")
+    pytest.importorskip("transformers")
+    model, (ids,) = models.config_model("llama", attn_implementation="sdpa")
+    res = export_onnx(model, (ids,), tmp_path / "llama.onnx", recipe="w8a8")
+    nodes = _attention_nodes(res.path)
+    assert nodes and not any("q_num_heads" in {a.name for a in n.attribute} for n in nodes)
+    assert qort.compare(res.path, res.report.graph_module, (ids,))["cosine"] >= 0.9999
