@@ -310,14 +310,16 @@ def _(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Ten
     return w8a8_linear_triton(x, w_int8, w_scale, bias)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def save_weight_for_backward(ctx, inputs, output) -> None:
+    """setup_context of the int8 per-channel linears (w8a8 and w8a8-tensor): keep Wq and s_w."""
     x, w_int8, w_scale, bias = inputs
     ctx.save_for_backward(w_int8, w_scale)
     ctx.has_bias = bias is not None
     ctx.x_dtype = x.dtype
 
 
-def _backward(ctx, grad: Tensor):
+def straight_through_backward(ctx, grad: Tensor):
+    """Straight-through for x: dx = dy @ (Wq * s_w); db = sum(dy). The weight is frozen."""
     w_int8, w_scale = ctx.saved_tensors
     w = w_int8.to(torch.float32) * w_scale[:, None]
     grad_x = (grad.float() @ w).to(ctx.x_dtype)
@@ -325,4 +327,4 @@ def _backward(ctx, grad: Tensor):
     return grad_x, None, None, grad_b
 
 
-w8a8_linear.register_autograd(_backward, setup_context=_setup_context)
+w8a8_linear.register_autograd(straight_through_backward, setup_context=save_weight_for_backward)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from qhl.codegen import cpu_onednn, quant
+from qhl.codegen import w8a8
 from qhl.codegen.w8a8 import float_codes
 from qhl.runtime.packed import DerivedCache
 
@@ -129,22 +130,8 @@ def _(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Ten
     return w8a8_tensor_linear_triton(x, w_int8, w_scale, bias)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, w_int8, w_scale, bias = inputs
-    ctx.save_for_backward(w_int8, w_scale)
-    ctx.has_bias = bias is not None
-    ctx.x_dtype = x.dtype
-
-
-def _backward(ctx, grad: Tensor):
-    w_int8, w_scale = ctx.saved_tensors
-    w = w_int8.to(torch.float32) * w_scale[:, None]
-    grad_x = (grad.float() @ w).to(ctx.x_dtype)
-    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, None, None, grad_b
-
-
-w8a8_tensor_linear.register_autograd(_backward, setup_context=_setup_context)
+# The same straight-through gradient as w8a8's (dx = dy @ (Wq * s_w), db = sum(dy); Wq frozen).
+w8a8_tensor_linear.register_autograd(w8a8.straight_through_backward, setup_context=w8a8.save_weight_for_backward)
 
 
 def w8a8_tensor_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor,

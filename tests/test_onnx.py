@@ -625,15 +625,20 @@ def test_ops_for_form():
 # --- (d) real weights -------------------------------------------------------------------------
 
 
-@pytest.mark.model
-def test_minilm_export_w8a8(tmp_path):
+def _minilm_ids():
+    """MiniLM (real weights) and 4 sentences of the sentiment set at 32 tokens."""
     models = pytest.importorskip("qhl.models")
     try:
         enc, tok = models.load_minilm()
     except qhl.QhlError as e:
         pytest.skip(str(e))
     batch = tok(models.sentiment_sentences(4), padding="max_length", max_length=32, truncation=True, return_tensors="pt")
-    ids = batch["input_ids"]
+    return enc, batch["input_ids"]
+
+
+@pytest.mark.model
+def test_minilm_export_w8a8(tmp_path):
+    enc, ids = _minilm_ids()
     res = export_onnx(enc, (ids,), tmp_path / "minilm.onnx", recipe="w8a8")
     assert len(res.report.rewritten) >= 36 and res.ops.get("MatMulInteger", 0) >= 36
     sess = qort.session(res.path)
@@ -657,7 +662,7 @@ def test_minilm_export_w8a8(tmp_path):
 @pytest.mark.skipif(not os.environ.get("QHL_RUN_SLOW"), reason="SmolLM2 exports take ~1 min each; QHL_RUN_SLOW=1")
 @pytest.mark.parametrize("form", FORMS)
 def test_smollm2_export(form, tmp_path):
-    models = pytest.importorskip("qhl.models")
+    pytest.importorskip("qhl.models")
     lm, tok = _smollm2()
     ids = tok("The capital of Italy is", return_tensors="pt")["input_ids"].repeat(2, 1)
     res = export_onnx(lm, (ids,), tmp_path / f"smol_{form}.onnx", recipe=form)
@@ -723,13 +728,7 @@ def test_qhl_sessions_turn_off_skip_layernorm_fusion(tmp_path):
 def test_minilm_export_w8a8_tensor(tmp_path):
     """w8a8-tensor on real weights: ORT runs it as its fused DynamicQuantizeMatMul, and it is far
     more accurate than ORT's own quantize_dynamic defaults (0.954 here; one scale per weight)."""
-    models = pytest.importorskip("qhl.models")
-    try:
-        enc, tok = models.load_minilm()
-    except qhl.QhlError as e:
-        pytest.skip(str(e))
-    batch = tok(models.sentiment_sentences(4), padding="max_length", max_length=32, truncation=True, return_tensors="pt")
-    ids = batch["input_ids"]
+    enc, ids = _minilm_ids()
     res = export_onnx(enc, (ids,), tmp_path / "minilm.onnx", recipe="w8a8-tensor")
     # one MatMulInteger a layer; q/k/v read the same x, so the export's CSE leaves one quantize for them
     assert len(res.report.rewritten) >= 36 and res.ops.get("MatMulInteger", 0) >= 36
