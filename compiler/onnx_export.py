@@ -45,9 +45,9 @@ import torch
 from torch import fx
 
 from qhl.capture import no_kv_cache
-from qhl.onnx_attention import fold_attention_head_transposes
 from qhl.errors import QhlError, UnsupportedError
 from qhl.graph import MATMUL_META, module_path_of
+from qhl.onnx_attention import fold_attention_head_transposes
 
 __all__ = ["ExportResult", "export_onnx", "default_dynamic_shapes", "check_translations"]
 

@@ -16,7 +16,7 @@ Runtime 1.32 on CPU the fused kernel is slower than the two ops it replaces: Min
 tokens spent 11.0 ms in 12 SkipLayerNormalization nodes against 2.6 ms of LayerNormalization
 + 1.1 ms of Add without the fusion (ORT profile, AMD EPYC Zen 5, 2026-12-05). Whole-model, in one
 round-robin run: MiniLM float32 1.12x faster, its w8a8/w8a8-tensor/quantize_dynamic files
-1.22-1.34x; SmolLM2 at 128 tokens float32 1.06x, w8a8 1.22x. The outputs are the same math
+1.22-1.36x; SmolLM2 at 128 tokens float32 1.06x, w8a8 1.22x. The outputs are the same math
 (float32 MiniLM within 7e-6, SmolLM2 identical). `skip_layernorm_fusion=True` keeps ORT's default;
 in your own session: `InferenceSession(..., disabled_optimizers=["SkipLayerNormFusion"])`.
 """
