@@ -61,6 +61,12 @@ WT = "qhl w8a8-tensor"  # per-tensor uint8 activations (DynamicQuantizeLinear), 
 WT_U8S8 = "qhl w8a8-tensor, int8_operands=u8s8"
 WT_ORT = "qhl w8a8-tensor, u8s8, ort target"
 SLN_ON = "ORT's SkipLayerNorm fusion on"
+# Per-layer mixes (recipe overrides): per-tensor activations where a layer loses little (q/k/v read
+# LayerNorm outputs), per-token where it loses most (attention output, FFN down)
+QKV_TENSOR = {"glob": "*.attention.self.*", "form": "w8a8-tensor"}
+UP_TENSOR = {"glob": "*.intermediate.dense", "form": "w8a8-tensor"}
+MIX_QKV = "qhl w8a8, w8a8-tensor on q/k/v, u8s8"
+MIX_QKV_UP = "qhl w8a8, w8a8-tensor on q/k/v and FFN up, u8s8"
 TOKENS = (1, 64, 256, 512)
 
 
@@ -178,8 +184,10 @@ def bench_minilm(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
                              (U8S8, "w8a8", {"int8_operands": "u8s8"}), (WT, "w8a8-tensor", {}),
                              (WT_U8S8, "w8a8-tensor", {"int8_operands": "u8s8"}),
                              (WT_ORT, "w8a8-tensor", {"int8_operands": "u8s8", "target": "onnxruntime"}),
+                             (MIX_QKV, "w8a8", {"int8_operands": "u8s8", "overrides": [QKV_TENSOR]}),
+                             (MIX_QKV_UP, "w8a8", {"int8_operands": "u8s8", "overrides": [QKV_TENSOR, UP_TENSOR]}),
                              ("qhl w8a16", "w8a16", {}), ("qhl w4a16", "w4a16", {})]:
-        tag = "_".join(str(v) for v in kw.values()) or "std"
+        tag = f"{len(files)}_" + "_".join(str(v) for v in kw.values() if isinstance(v, str))
         res = export_onnx(enc, example, tmp / f"minilm_{recipe}_{tag}.onnx", recipe=recipe, **kw)
         files[name], export_s[name] = res.path, res.seconds
         with torch.no_grad():

@@ -255,3 +255,17 @@ def test_decomposition_equals_the_spec_on_both_gemm_formulations(vnni, int8_gemm
     want = wt.w8a8_tensor_linear_spec(x, wq, ws, b)
     assert got.shape == want.shape and torch.equal(got, want)
     assert wt.w8a8_tensor_linear_decomposed(x[:1, :wt.DECOMPOSE_MIN_TOKENS], wq, ws, b) is NotImplemented
+
+
+def test_per_layer_mix_with_w8a8_exports_and_matches_torch(tmp_path):
+    """A recipe override mixes the forms per layer (per-tensor where a layer loses little,
+    per-token where it loses most): both translations in one file, ORT equal to torch."""
+    from qhl.runtime import ort as qort
+
+    model, x = _mlp()
+    res = qhl.export_onnx(model, (x,), tmp_path / "mix.onnx", recipe="w8a8-tensor",
+                          overrides=[{"glob": "2", "form": "w8a8"}])
+    assert {r.path: r.form for r in res.report.rewritten} == {"0": "w8a8-tensor", "2": "w8a8"}
+    assert res.ops["DynamicQuantizeLinear"] == 1 and res.ops["QuantizeLinear"] == 1
+    cmp = qort.compare(res.path, res.report.graph_module, (x,))
+    assert cmp["cosine"] >= 0.99999, cmp
