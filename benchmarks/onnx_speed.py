@@ -8,7 +8,8 @@ quantizer, in one run on one machine.
     target="onnxruntime") and w8a16. Accuracy: cosine / SQNR vs the float32 output.
 (b) all-MiniLM-L6-v2 (real weights) at batch 8 x 128 tokens: float32 (opset 23, qhl's default, and
     opset 21), qhl w8a8 (both targets), quantize_dynamic (on both float32 files), qhl w8a16, qhl
-    w4a16. Speed ratios are to the opset-23 float32 file. Accuracy: mean-token (attention-masked)
+    w4a16, w8a8-tensor, and per-layer mixes of w8a8 and w8a8-tensor (overrides, and
+    qhl.mixed_w8a8_recipe). Speed ratios are to the opset-23 float32 file. Accuracy: mean-token (attention-masked)
     embedding cosine vs float32 torch.
 (c) the formulations that were measured to choose the w8a8 and w8a16 translations, on one
     Linear(4096, 4096) (hand-built ONNX graphs of the same math).
@@ -43,6 +44,7 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_env import cosine, round_robin, sqnr, write_results  # noqa: E402
 
+import qhl  # noqa: E402
 import qhl.codegen.onnx.per_token_quant as ptq  # noqa: E402
 from qhl.onnx_export import export_onnx  # noqa: E402
 from qhl.runtime import ort as qort  # noqa: E402
@@ -67,6 +69,7 @@ QKV_TENSOR = {"glob": "*.attention.self.*", "form": "w8a8-tensor"}
 UP_TENSOR = {"glob": "*.intermediate.dense", "form": "w8a8-tensor"}
 MIX_QKV = "qhl w8a8, w8a8-tensor on q/k/v, u8s8"
 MIX_QKV_UP = "qhl w8a8, w8a8-tensor on q/k/v and FFN up, u8s8"
+MIXED_4DB = "qhl.mixed_w8a8_recipe(max_loss_db=4), u8s8"  # the per-layer choice, measured
 TOKENS = (1, 64, 256, 512)
 
 
@@ -186,9 +189,10 @@ def bench_minilm(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
                              (WT_ORT, "w8a8-tensor", {"int8_operands": "u8s8", "target": "onnxruntime"}),
                              (MIX_QKV, "w8a8", {"int8_operands": "u8s8", "overrides": [QKV_TENSOR]}),
                              (MIX_QKV_UP, "w8a8", {"int8_operands": "u8s8", "overrides": [QKV_TENSOR, UP_TENSOR]}),
+                             (MIXED_4DB, qhl.mixed_w8a8_recipe(enc, example, max_loss_db=4.0), {"int8_operands": "u8s8"}),
                              ("qhl w8a16", "w8a16", {}), ("qhl w4a16", "w4a16", {})]:
         tag = f"{len(files)}_" + "_".join(str(v) for v in kw.values() if isinstance(v, str))
-        res = export_onnx(enc, example, tmp / f"minilm_{recipe}_{tag}.onnx", recipe=recipe, **kw)
+        res = export_onnx(enc, example, tmp / f"minilm_{tag}.onnx", recipe=recipe, **kw)
         files[name], export_s[name] = res.path, res.seconds
         with torch.no_grad():
             torch_cos[name] = float(np.mean([cosine(a, b) for a, b in zip(embed(res.report.graph_module(*example)[0].numpy()), ref)]))

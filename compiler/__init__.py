@@ -37,6 +37,7 @@ __all__ = [
     "VerificationError",
     "sqnr_db",
     "hadamard_matrix",
+    "mixed_w8a8_recipe",
     "prepare",
     "merge",
     "load_adapter",
@@ -65,6 +66,10 @@ def __getattr__(name: str):
         from qhl import adapters
 
         return getattr(adapters, name)
+    if name == "mixed_w8a8_recipe":
+        from qhl.mixed_w8a8 import mixed_w8a8_recipe
+
+        return mixed_w8a8_recipe
     if name == "sqnr_db":
         from qhl.metrics import sqnr_db
 

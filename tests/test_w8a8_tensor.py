@@ -269,3 +269,26 @@ def test_per_layer_mix_with_w8a8_exports_and_matches_torch(tmp_path):
     assert res.ops["DynamicQuantizeLinear"] == 1 and res.ops["QuantizeLinear"] == 1
     cmp = qort.compare(res.path, res.report.graph_module, (x,))
     assert cmp["cosine"] >= 0.99999, cmp
+
+
+def test_mixed_recipe_takes_per_tensor_activations_where_a_layer_loses_little(tmp_path):
+    """qhl.mixed_w8a8_recipe measures each layer under both forms and keeps w8a8 (per token)
+    where one scale per call would cost more than max_loss_db of the layer's output SQNR."""
+    from qhl.runtime import ort as qort
+
+    model, x = _mlp()
+    x = x.clone()
+    x[0, 0] *= 50  # one outlier token: one scale for the whole tensor suits the other tokens badly
+    token = {r.path: r.sqnr_db for r in qhl.inspect(model, (x,), recipe="w8a8").rewritten}
+    tensor = {r.path: r.sqnr_db for r in qhl.inspect(model, (x,), recipe="w8a8-tensor").rewritten}
+    loss = {p: token[p] - tensor[p] for p in token}
+    assert abs(loss["0"] - loss["2"]) > 1  # distinct, so a threshold between them separates them
+    middle = (loss["0"] + loss["2"]) / 2
+    for max_loss, want in ((-1e9, set()), (middle, {p for p in loss if loss[p] <= middle}), (1e9, {"0", "2"})):
+        r = qhl.mixed_w8a8_recipe(model, (x,), max_loss_db=max_loss)
+        report = qhl.inspect(model, (x,), recipe=r)
+        got = {row.path for row in report.rewritten if row.form == "w8a8-tensor"}
+        assert got == want and {row.form for row in report.rewritten} <= {"w8a8", "w8a8-tensor"}
+        assert qhl.Recipe.from_json(r.to_json()) == r and r.name == "w8a8-mixed"
+    res = qhl.export_onnx(model, (x,), tmp_path / "mixed.onnx", recipe=qhl.mixed_w8a8_recipe(model, (x,), middle))
+    assert qort.compare(res.path, res.report.graph_module, (x,))["cosine"] >= 0.99999
