@@ -127,7 +127,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"max|diff| {parity['max_abs']:.3g}")
     print(f"fidelity ORT vs float32 torch: cosine {fidelity['cosine']:.6f}  SQNR {fidelity['sqnr_db']:.1f} dB")
     print(f"speed   ORT {args.recipe}: {mq:.2f} ms  vs ORT float32: {mf:.2f} ms  ({mf / mq:.2f}x, "
-          f"median of {args.runs}, intra-op spinning off, MatMulNBits accuracy level {result.accuracy_level})")
+          f"median of {args.runs}, intra-op spinning off, ORT's SkipLayerNorm fusion off, MatMulNBits accuracy "
+          f"level {result.accuracy_level})")
     print(f"size    {result.size_bytes / 2**20:.2f} MiB vs float32 {size_f32 / 2**20:.2f} MiB "
           f"({result.size_bytes / size_f32:.2f}x)")
     return 0
