@@ -93,7 +93,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     model, example_inputs = _load_factory(args.target)
     result = export_onnx(model, example_inputs, args.output, recipe=args.recipe, target=args.onnx_target,
-                         opset=args.opset, int8_operands=args.int8_operands, **dict(args.knob))
+                         opset=args.opset, int8_operands=args.int8_operands,
+                         w4a16_activations=args.w4a16_activations, **dict(args.knob))
     print(result)
     for row in result.report.layers:
         if row.form:
@@ -181,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-operands", default="u8u8", choices=("u8u8", "u8s8"),
                    help="integer GEMMs' operand types: u8u8 is exact on every CPU; u8s8 is faster on CPUs with "
                         "VNNI or AMX and saturates (wrong results) in ONNX Runtime on x86 CPUs without them")
+    p.add_argument("--w4a16-activations", default=None, choices=("auto", "float", "int8x2"),
+                   help="--target onnxruntime only: how 4-bit MatMulNBits take float activations. auto (the "
+                        "default there): as two int8 digits (about 16-bit fixed point per block, ORT's int8 "
+                        "kernel) up to 32 rows, float above; float: ORT's float kernel; int8x2: digits always")
     p.add_argument("--check", action="store_true",
                    help="open the file in ONNX Runtime: parity vs qhl's torch output, speed vs the float32 export")
     p.add_argument("--runs", type=int, default=7, help="timed runs for --check (median is reported)")

@@ -6,7 +6,9 @@
       ─▶ torch.onnx.export(dynamo=True, custom_translation_table=qhl.codegen.onnx translations)
       ─▶ weight layouts folded (Transpose / int4 unpacking of initializers -> initializers);
          4-bit codes kept 4-bit (symmetric int4 without zero points, w4a8/w4a4 codes as uint4);
-         int8 weights of integer GEMMs stored as uint8 (int8_operands="u8u8", below)
+         int8 weights of integer GEMMs stored as uint8 (int8_operands="u8u8", below);
+         onnxruntime target: large 4-bit MatMulNBits take few-row activations as two int8
+         halves (w4a16_activations="auto", qhl/onnx_w4a16_digits.py)
       ─▶ written (external data past 2 GB) ─▶ onnx.checker + shape inference
 
     result = qhl.export_onnx(model, (ids,), "model.onnx", recipe="w4a16", group_size=64)
@@ -48,6 +50,8 @@ from qhl.capture import no_kv_cache
 from qhl.errors import QhlError, UnsupportedError
 from qhl.graph import MATMUL_META, module_path_of
 from qhl.onnx_attention import fold_attention_head_transposes
+from qhl.onnx_w4a16_digits import MODES as W4A16_ACTIVATIONS
+from qhl.onnx_w4a16_digits import ops_after_split, split_w4a16_activations
 
 __all__ = ["ExportResult", "export_onnx", "default_dynamic_shapes", "check_translations"]
 
@@ -83,6 +87,7 @@ class ExportResult:
     opset: int = 21
     accuracy_level: int = 0
     int8_operands: str = "u8u8"
+    w4a16_activations: str = "float"
     external_data: bool = False
     seconds: float = 0.0
     dynamic_shapes: Any = field(default=None, repr=False)
@@ -92,9 +97,24 @@ class ExportResult:
         return (
             f"wrote {self.path} ({self.size_bytes / 2**20:.2f} MiB{', external data' if self.external_data else ''}), "
             f"target {self.target}, opset {self.opset}, MatMulNBits accuracy level {self.accuracy_level}, "
-            f"int8 GEMMs {self.int8_operands}, "
+            f"int8 GEMMs {self.int8_operands}, w4a16 activations {self.w4a16_activations}, "
             f"{self.seconds:.1f}s; ops: {top}"
         )
+
+
+def _w4a16_activations(mode: str | None, target: str) -> str:
+    """The w4a16_activations setting for `target`: "auto" on onnxruntime, "float" on standard."""
+    if mode is None:
+        return "auto" if target == "onnxruntime" else "float"
+    if mode not in W4A16_ACTIVATIONS:
+        raise UnsupportedError(f"unknown w4a16_activations {mode!r}; valid: {list(W4A16_ACTIVATIONS)}")
+    if mode != "float" and target != "onnxruntime":
+        raise UnsupportedError(
+            f"w4a16_activations={mode!r} needs target='onnxruntime': the int8 digits feed com.microsoft "
+            "MatMulNBits nodes, and a standard file's DequantizeLinear + MatMul gets its accuracy level "
+            "from the session; export with target='onnxruntime', or leave w4a16_activations unset"
+        )
+    return mode
 
 
 def _check_writable(path: pathlib.Path) -> None:
@@ -369,12 +389,14 @@ def export_onnx(
     opset: int = EXPORT_OPSET,
     check: bool = True,
     int8_operands: str = "u8u8",
+    w4a16_activations: str | None = None,
     **knobs: Any,
 ) -> ExportResult:
     """Rewrite `model` with `recipe` and write it as ONNX to `path` (see the module docstring)."""
     from qhl.codegen import onnx as onnx_codegen
 
     t0 = time.perf_counter()
+    w4a16_activations = _w4a16_activations(w4a16_activations, target)
     if int8_operands not in INT8_OPERANDS:
         raise UnsupportedError(
             f"unknown int8_operands {int8_operands!r}; valid: {list(INT8_OPERANDS)} (u8u8: exact on every CPU; "
@@ -396,7 +418,8 @@ def export_onnx(
     gm = report.graph_module
     check_translations(gm, table)
     for row in report.layers:
-        row.onnx_ops = onnx_codegen.ops_for_form(row.form, target) if row.form else []
+        weights = row.in_features * row.out_features if row.in_features and row.out_features else None
+        row.onnx_ops = ops_after_split(onnx_codegen.ops_for_form(row.form, target), w4a16_activations, weights) if row.form else []
 
     onnx_codegen.set_opset(opset)
     try:
@@ -423,11 +446,13 @@ def export_onnx(
         _unsigned_int8_weights(model_ir)
     if fold_attention_head_transposes(model_ir):
         _remove_unused_nodes(model_ir)
+    split_w4a16_activations(model_ir, w4a16_activations)
     model_ir.producer_name = "qhl"
     model_ir.metadata_props["qhl.recipe"] = report.recipe.to_json(indent=None)
     model_ir.metadata_props["qhl.target"] = target
     model_ir.metadata_props["qhl.int8_operands"] = int8_operands
     model_ir.metadata_props["qhl.matmulnbits_accuracy_level"] = str(onnx_codegen.ACCURACY_LEVEL)
+    model_ir.metadata_props["qhl.w4a16_activations"] = w4a16_activations
 
     external = _initializer_bytes(model_ir) >= EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=external)
@@ -438,7 +463,8 @@ def export_onnx(
         _check(path, target)
     result = ExportResult(
         path=path, size_bytes=size, report=report, ops=_ops_histogram(model_ir), target=target, opset=opset,
-        accuracy_level=onnx_codegen.ACCURACY_LEVEL, int8_operands=int8_operands, external_data=external,
+        accuracy_level=onnx_codegen.ACCURACY_LEVEL, int8_operands=int8_operands,
+        w4a16_activations=w4a16_activations, external_data=external,
         seconds=time.perf_counter() - t0, dynamic_shapes=dyn,
     )
     log.info("%s", result)
