@@ -1,11 +1,12 @@
 """ONNX Runtime (CPU) speed and accuracy of qhl's ONNX exports, against ORT float32 and ORT's own
 quantizer, in one run on one machine.
 
-(a) four nn.Linear(4096, 4096) in a row at 1/64/256/512 tokens: ORT float32 export, qhl w8a8
+(a) four nn.Linear(4096, 4096) in a row at 1/8/64/256/512 tokens: ORT float32 export, qhl w8a8
     export, qhl w8a8-tensor (per-tensor activations: ORT's DynamicQuantizeMatMul),
     `onnxruntime.quantization.quantize_dynamic` on the float32 export (its defaults, and with
-    per_channel=True: the same math as w8a8-tensor), qhl w4a16 (g128; standard and
-    target="onnxruntime") and w8a16. Accuracy: cosine / SQNR vs the float32 output.
+    per_channel=True: the same math as w8a8-tensor), qhl w4a16 (g128; standard, and
+    target="onnxruntime" with its default w4a16_activations="auto" and with "float") and w8a16.
+    Accuracy: cosine / SQNR vs the float32 output.
 (b) all-MiniLM-L6-v2 (real weights) at batch 8 x 128 tokens: float32 (opset 23, qhl's default, and
     opset 21), qhl w8a8 (both targets), quantize_dynamic (on both float32 files), qhl w8a16, qhl
     w4a16, w8a8-tensor, and per-layer mixes of w8a8 and w8a8-tensor (overrides, and
@@ -70,7 +71,11 @@ UP_TENSOR = {"glob": "*.intermediate.dense", "form": "w8a8-tensor"}
 MIX_QKV = "qhl w8a8, w8a8-tensor on q/k/v, u8s8"
 MIX_QKV_UP = "qhl w8a8, w8a8-tensor on q/k/v and FFN up, u8s8"
 MIXED_4DB = "qhl.mixed_w8a8_recipe(max_loss_db=4), u8s8"  # the per-layer choice, measured
-TOKENS = (1, 64, 256, 512)
+TOKENS = (1, 8, 64, 256, 512)
+# the onnxruntime target's default: activations as two int8 digits (ORT's int8 kernel) up to 32
+# rows, float above (qhl/onnx_w4a16_digits.py); and the same file with float activations throughout
+W4_ORT = "qhl w4a16 (ort target: int8x2 digits <= 32 rows)"
+W4_ORT_FLOAT = "qhl w4a16 (ort target, float activations)"
 
 
 def stack() -> nn.Module:
@@ -123,7 +128,8 @@ def bench_stack(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
         (WT_ORT, "w8a8-tensor", {"int8_operands": "u8s8", "target": "onnxruntime"}),
         ("qhl w8a16", "w8a16", {}),
         ("qhl w4a16", "w4a16", {"group_size": 128}),
-        ("qhl w4a16 (ort target)", "w4a16", {"group_size": 128, "target": "onnxruntime"}),
+        (W4_ORT, "w4a16", {"group_size": 128, "target": "onnxruntime"}),
+        (W4_ORT_FLOAT, "w4a16", {"group_size": 128, "target": "onnxruntime", "w4a16_activations": "float"}),
     ]:
         tag = "_".join(str(v) for v in kw.values()) or "std"
         res = export_onnx(model, example, tmp / f"stack_{recipe}_{tag}.onnx", recipe=recipe, **kw)
@@ -149,7 +155,7 @@ def bench_stack(tmp: pathlib.Path, reps: int) -> dict[str, Any]:
         outs = {n: qort.run(s, (x,))[0] for n, s in sessions.items()}
         names = list(sessions) if t == 1 else ["float32", "qhl w8a8", ROUND, "qhl w8a8 (ort target)", U8S8,
                                                    WT, WT_U8S8, WT_ORT, "ORT quantize_dynamic", QD_PC,
-                                                   "qhl w4a16", LEVEL4]
+                                                   "qhl w4a16", W4_ORT, W4_ORT_FLOAT, LEVEL4]
         timing = round_robin({n: (lambda s=sessions[n], f={sessions[n].get_inputs()[0].name: x.numpy()}: s.run(None, f))
                               for n in names}, reps)
         base, best = timing["float32"]["median_ms"], timing["float32"]["min_ms"]
