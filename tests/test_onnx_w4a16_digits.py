@@ -30,22 +30,33 @@ def _weights(block: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     packed = rng.integers(0, 256, (N, K // block, block // 2), np.uint8)
     scales = (rng.random(N * (K // block), np.float32) * 0.1 + 0.01).astype(np.float32)
-    return packed, scales
+    zeros = rng.integers(0, 16, (N, K // block), np.uint8)  # one 4-bit zero point per block
+    return packed, scales, zeros
 
 
-def _dequantized(packed, scales, block) -> np.ndarray:
-    """W [K, N] float64 that MatMulNBits (no zero points: zero point 8) stands for."""
-    codes = np.stack([packed & 15, packed >> 4], -1).reshape(N, K).astype(np.float64) - 8
-    return (codes.reshape(N, K // block, block) * scales.reshape(N, K // block, 1)).reshape(N, K).T
+def _packed_zeros(zeros: np.ndarray) -> np.ndarray:
+    """MatMulNBits' zero_points input: two per byte along the blocks, low nibble first."""
+    z = np.pad(zeros, ((0, 0), (0, zeros.shape[1] % 2)), constant_values=8)
+    return (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1)
 
 
-def _model(block: int, bias: bool = False, **attrs) -> onnx.ModelProto:
-    packed, scales = _weights(block)
+def _dequantized(packed, scales, zeros, block, zero_points: bool = False) -> np.ndarray:
+    """W [K, N] float64 that MatMulNBits stands for (without zero points: zero point 8)."""
+    codes = np.stack([packed & 15, packed >> 4], -1).reshape(N, K // block, block).astype(np.float64)
+    zp = zeros[..., None].astype(np.float64) if zero_points else 8.0
+    return ((codes - zp) * scales.reshape(N, K // block, 1)).reshape(N, K).T
+
+
+def _model(block: int, bias: bool = False, zero_points: bool = False, **attrs) -> onnx.ModelProto:
+    packed, scales, zeros = _weights(block)
     inits = [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(scales, "s")]
     inputs = ["x", "w", "s"]
+    if zero_points:
+        inits.append(numpy_helper.from_array(_packed_zeros(zeros), "z"))
+        inputs.append("z")
     if bias:
         inits.append(numpy_helper.from_array(np.linspace(-1, 1, N, dtype=np.float32), "bias"))
-        inputs += ["", "", "bias"]
+        inputs += [""] * (5 - len(inputs)) + ["bias"]
     kw = dict(K=K, N=N, bits=4, block_size=block, accuracy_level=0) | attrs
     node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", name="mm", **kw)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", K])],
@@ -74,12 +85,15 @@ def _bound(x: np.ndarray, w: np.ndarray, block: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("block", [32, 128])
-@pytest.mark.parametrize("bias", [False, True])
-def test_halves_match_float_activations_within_the_derived_bound(block, bias):
-    proto = _model(block, bias)
+@pytest.mark.parametrize("bias, zero_points", [(False, False), (True, False), (False, True), (True, True)])
+def test_halves_match_float_activations_within_the_derived_bound(block, bias, zero_points):
+    proto = _model(block, bias, zero_points)
     digits, changed = _rewritten(proto, "int8x2")
     assert changed == 1
-    w = _dequantized(*_weights(block), block)
+    w = _dequantized(*_weights(block), block, zero_points)
+    x0 = np.random.default_rng(0).standard_normal((1, 1, K)).astype(np.float32)
+    np.testing.assert_allclose(_run(proto, x0).reshape(-1), x0.reshape(-1).astype(np.float64) @ w + (
+        np.linspace(-1, 1, N) if bias else 0), rtol=1e-4, atol=1e-4)  # the helper's W is ORT's
     rng = np.random.default_rng(1)
     for shape in [(1, 1), (2, 3), (1, 9)]:
         x = (rng.standard_normal((*shape, K)) * rng.uniform(0.01, 10, (*shape, 1))).astype(np.float32)
@@ -89,7 +103,7 @@ def test_halves_match_float_activations_within_the_derived_bound(block, bias):
         err = np.abs(got.astype(np.float64) - want).reshape(-1, N)
         assert (err <= _bound(x, w, block)).all(), err.max()
         # and far from int8 activations (level 4 alone): the point of the halves
-        one_digit = _run(_model(block, bias, accuracy_level=4), x)
+        one_digit = _run(_model(block, bias, zero_points, accuracy_level=4), x)
         assert err.max() < 0.1 * np.abs(one_digit - want).max()
 
 
