@@ -129,7 +129,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"fidelity ORT vs float32 torch: cosine {fidelity['cosine']:.6f}  SQNR {fidelity['sqnr_db']:.1f} dB")
     print(f"speed   ORT {args.recipe}: {mq:.2f} ms  vs ORT float32: {mf:.2f} ms  ({mf / mq:.2f}x, "
           f"median of {args.runs}, intra-op spinning off, ORT's SkipLayerNorm fusion off, MatMulNBits accuracy "
-          f"level {result.accuracy_level})")
+          f"level {result.accuracy_level}"
+          + (f", w4a16 activations {result.w4a16_activations}" if result.w4a16_activations != "float" else "") + ")")
     print(f"size    {result.size_bytes / 2**20:.2f} MiB vs float32 {size_f32 / 2**20:.2f} MiB "
           f"({result.size_bytes / size_f32:.2f}x)")
     return 0

@@ -218,3 +218,21 @@ def test_export_rejects_digits_for_the_standard_target_and_unknown_modes(tmp_pat
     with pytest.raises(UnsupportedError, match="unknown w4a16_activations 'int4'"):
         export_onnx(_stack(), x, tmp_path / "b.onnx", recipe="w4a16", target="onnxruntime", w4a16_activations="int4")
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
+
+
+def test_cli_flag_reaches_the_export(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "qhl.cli", "export", "tests.qhl_testing:mlp_factory",
+                               "--recipe", "w4a16", "--knob", "group_size=32", *args],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+
+    ok = run("-o", str(tmp_path / "a.onnx"), "--target", "onnxruntime", "--w4a16-activations", "int8x2")
+    assert ok.returncode == 0 and "w4a16 activations int8x2" in ok.stdout, ok.stdout[-2000:] + ok.stderr[-2000:]
+    bad = run("-o", str(tmp_path / "b.onnx"), "--w4a16-activations", "int8x2")  # standard target
+    said = " ".join((bad.stdout + bad.stderr).split())  # the log handler wraps long lines
+    assert bad.returncode == 2 and "UnsupportedError: w4a16_activations='int8x2' needs target='onnxruntime'" in said
+    assert not (tmp_path / "b.onnx").exists()
