@@ -243,7 +243,7 @@ def run_smollm2(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
             be = qhl_backend(scheme, **knobs)
             compiled = torch.compile(model, backend=be)
             label = f"SmolLM2 {impl} {scheme} (compile + run)"
-            attempt(add, scheme, impl, lambda: timed(label, lambda: lm_logits(compiled, tokens, args.batch)),
+            attempt(add, scheme, impl, lambda c=compiled: timed(label, lambda: lm_logits(c, tokens, args.batch)),
                     lambda: rewritten(be))
             del compiled
     torch._dynamo.reset()
