@@ -19,11 +19,13 @@ rounds the activations to int8 per k-block: W4A8 math. The rows above make that 
   about 2^-16 of the block's largest value: a 16-bit fixed-point activation per block, finer
   than float16's 2^-11 relative step for every element above 1/32 of its block's maximum.
 Measured: 77-107 dB against the float-activation product on square layers of 512-4096
-(int8 activations alone: 40 dB); 4.6x ORT float32 on the stack at 1 token.
+(int8 activations alone: 40 dB); 4.95-5.10x ORT float32 on the stack at 1 token, against
+3.2-3.5x for the float kernel (benchmarks/results/onnx_cpu_zen5_final.md, matmulnbits_sweep_zen5.md).
 
 Two conditions, both measured (2026-12-05, AMD EPYC Zen 5, 2 cores, onnxruntime 1.32):
 * rows: the halves double the rows, so past a few dozen rows the float kernel is faster again (on
-  the stack at 16 / 32 / 48 rows: 1.64x / 1.27x / 1.07x float32, level 0 1.21x / 1.17x / 1.12x).
+  the stack at 16 / 32 / 48 rows: 1.64x / 1.27x / 1.07x float32, level 0 1.21x / 1.17x / 1.12x,
+  measured with a first version that rounded x - d itself as well: the same two rows per token).
   Hence the If on the row count, max_rows = 32.
 * size: the ~15 extra nodes cost a few microseconds a layer; at 1 token a 512^2 layer took 14.5
   against 11.8 us, 1536^2 59 against 60, 2048^2 92 against 110, 4096^2 250 against 430. Hence
