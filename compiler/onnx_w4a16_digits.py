@@ -24,8 +24,8 @@ Measured: 77-107 dB against the float-activation product on square layers of 512
 
 Two conditions, both measured (2026-12-05, AMD EPYC Zen 5, 2 cores, onnxruntime 1.32):
 * rows: the halves double the rows, so past a few dozen rows the float kernel is faster again (on
-  the stack at 16 / 32 / 48 rows: 1.64x / 1.27x / 1.07x float32, level 0 1.21x / 1.17x / 1.12x,
-  measured with a first version that rounded x - d itself as well: the same two rows per token).
+  the stack at 16 / 32 / 48 / 64 rows: 1.78x / 1.31x / 1.17x / 1.06x ORT float32, level 0
+  1.26x / 1.16x / 1.18x / 1.10x, one round-robin run of 15).
   Hence the If on the row count, max_rows = 32.
 * size: the ~15 extra nodes cost a few microseconds a layer; at 1 token a 512^2 layer took 14.5
   against 11.8 us, 1536^2 59 against 60, 2048^2 92 against 110, 4096^2 250 against 430. Hence
