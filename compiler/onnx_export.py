@@ -110,7 +110,7 @@ def _w4a16_activations(mode: str | None, target: str) -> str:
         raise UnsupportedError(f"unknown w4a16_activations {mode!r}; valid: {list(W4A16_ACTIVATIONS)}")
     if mode != "float" and target != "onnxruntime":
         raise UnsupportedError(
-            f"w4a16_activations={mode!r} needs target='onnxruntime': the int8 digits feed com.microsoft "
+            f"w4a16_activations={mode!r} needs target='onnxruntime': the int8 halves feed com.microsoft "
             "MatMulNBits nodes, and a standard file's DequantizeLinear + MatMul gets its accuracy level "
             "from the session; export with target='onnxruntime', or leave w4a16_activations unset"
         )
