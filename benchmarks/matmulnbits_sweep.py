@@ -11,7 +11,7 @@ one choice among many:
 * accuracy_level 4 (int8 activations per k-block: W4A8 math, not W4A16; shown for scale only);
 * one intra-op thread instead of ORT's default;
 * and what qhl's onnxruntime target writes at few rows (`w4a16_activations="auto"`): each level-0
-  node fed [d, x - d] through level 4, d = x rounded to int8 per block (qhl/onnx_w4a16_digits.py).
+  node fed [d, x - d] through level 4, d = x rounded to int8 per block (qhl/onnx_w4a16_halves.py).
 
 Hand-built graphs of four chained MatMulNBits (random codes and scales: speed does not depend on
 the values). Two timings, both medians:
@@ -93,7 +93,7 @@ def int8_halves(model: bytes) -> bytes:
     import onnx
     import onnx_ir as ir
 
-    from qhl.onnx_w4a16_digits import split_w4a16_activations
+    from qhl.onnx_w4a16_halves import split_w4a16_activations
 
     m = ir.from_proto(onnx.load_from_string(model))
     assert split_w4a16_activations(m, "auto") == DEPTH

@@ -72,8 +72,8 @@ MIX_QKV = "qhl w8a8, w8a8-tensor on q/k/v, u8s8"
 MIX_QKV_UP = "qhl w8a8, w8a8-tensor on q/k/v and FFN up, u8s8"
 MIXED_4DB = "qhl.mixed_w8a8_recipe(max_loss_db=4), u8s8"  # the per-layer choice, measured
 TOKENS = (1, 8, 64, 256, 512)
-# the onnxruntime target's default: activations as two int8 digits (ORT's int8 kernel) up to 32
-# rows, float above (qhl/onnx_w4a16_digits.py); and the same file with float activations throughout
+# the onnxruntime target's default: activations as two int8 halves (ORT's int8 kernel) up to 32
+# rows, float above (qhl/onnx_w4a16_halves.py); and the same file with float activations throughout
 W4_ORT = "qhl w4a16 (ort target: int8x2 digits <= 32 rows)"
 W4_ORT_FLOAT = "qhl w4a16 (ort target, float activations)"
 

@@ -1,7 +1,7 @@
 """SmolLM2-135M (real weights) under w4a16 (group size 64) in ONNX Runtime at few tokens: float32
 export, qhl's standard file (float activations), and the onnxruntime target with
 w4a16_activations "float" and "auto" (int8 halves up to 32 rows on layers of 2^22+ weights,
-qhl/onnx_w4a16_digits.py: none of SmolLM2's, so "auto" is the "float" file here).
+qhl/onnx_w4a16_halves.py: none of SmolLM2's, so "auto" is the "float" file here).
 
 One forward of a T-token prompt of the offline news corpus, T = 1 / 8 / 64, batch 1, no KV cache
 (qhl exports capture without it), so every Linear runs at T rows. Reports per T: median ms

@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "VNNI or AMX and saturates (wrong results) in ONNX Runtime on x86 CPUs without them")
     p.add_argument("--w4a16-activations", default=None, choices=("auto", "float", "int8x2"),
                    help="--target onnxruntime only: how 4-bit MatMulNBits take float activations. auto (the "
-                        "default there): as two int8 digits (about 16-bit fixed point per block, ORT's int8 "
-                        "kernel) up to 32 rows, float above; float: ORT's float kernel; int8x2: digits always")
+                        "default there): as two int8 halves (about 16-bit fixed point per block, ORT's int8 "
+                        "kernel) up to 32 rows, float above; float: ORT's float kernel; int8x2: halves always")
     p.add_argument("--check", action="store_true",
                    help="open the file in ONNX Runtime: parity vs qhl's torch output, speed vs the float32 export")
     p.add_argument("--runs", type=int, default=7, help="timed runs for --check (median is reported)")

@@ -8,7 +8,7 @@
          4-bit codes kept 4-bit (symmetric int4 without zero points, w4a8/w4a4 codes as uint4);
          int8 weights of integer GEMMs stored as uint8 (int8_operands="u8u8", below);
          onnxruntime target: large 4-bit MatMulNBits take few-row activations as two int8
-         halves (w4a16_activations="auto", qhl/onnx_w4a16_digits.py)
+         halves (w4a16_activations="auto", qhl/onnx_w4a16_halves.py)
       ─▶ written (external data past 2 GB) ─▶ onnx.checker + shape inference
 
     result = qhl.export_onnx(model, (ids,), "model.onnx", recipe="w4a16", group_size=64)
@@ -50,8 +50,8 @@ from qhl.capture import no_kv_cache
 from qhl.errors import QhlError, UnsupportedError
 from qhl.graph import MATMUL_META, module_path_of
 from qhl.onnx_attention import fold_attention_head_transposes
-from qhl.onnx_w4a16_digits import MODES as W4A16_ACTIVATIONS
-from qhl.onnx_w4a16_digits import ops_after_split, split_w4a16_activations
+from qhl.onnx_w4a16_halves import MODES as W4A16_ACTIVATIONS
+from qhl.onnx_w4a16_halves import ops_after_split, split_w4a16_activations
 
 __all__ = ["ExportResult", "export_onnx", "default_dynamic_shapes", "check_translations"]
 

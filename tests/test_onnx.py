@@ -338,8 +338,8 @@ def test_w4a16_sizes_and_ort_fuses_at_accuracy_level_0(tmp_path):
 
 def test_onnxruntime_target_emits_matmulnbits_level_0(tmp_path):
     model, (x,) = _mlp()
-    # float activations throughout (the default, "auto", adds int8 digits at few rows:
-    # tests/test_onnx_w4a16_digits.py)
+    # float activations throughout (the default, "auto", adds int8 halves at few rows:
+    # tests/test_onnx_w4a16_halves.py)
     res = export_onnx(model, (x,), tmp_path / "mlp_ort.onnx", recipe="w4a16", target="onnxruntime", group_size=32,
                       w4a16_activations="float")
     assert res.ops.get("com.microsoft::MatMulNBits") == 2

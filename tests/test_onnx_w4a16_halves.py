@@ -1,4 +1,4 @@
-"""qhl.onnx_w4a16_digits: float activations as two int8 halves into ORT's level-4 MatMulNBits.
+"""qhl.onnx_w4a16_halves: float activations as two int8 halves into ORT's level-4 MatMulNBits.
 
 The rewrite is held to the float-activation MatMulNBits (accuracy level 0, qhl's w4a16 math) at a
 tolerance derived from the halves: level 4 leaves at most max|x_block| / 64516 of each element
@@ -19,7 +19,7 @@ ir = pytest.importorskip("onnx_ir")
 
 from qhl.errors import UnsupportedError  # noqa: E402
 from qhl.onnx_export import export_onnx  # noqa: E402
-from qhl.onnx_w4a16_digits import decline_reason, ops_after_split, split_w4a16_activations  # noqa: E402
+from qhl.onnx_w4a16_halves import decline_reason, ops_after_split, split_w4a16_activations  # noqa: E402
 from qhl.runtime import ort as qort  # noqa: E402
 
 K, N = 256, 48
@@ -77,7 +77,7 @@ def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def _bound(x: np.ndarray, w: np.ndarray, block: int) -> np.ndarray:
-    """Per output element: the digits' residue times |W| per block, plus float32 rounding."""
+    """Per output element: the halves' residue times |W| per block, plus float32 rounding."""
     xb = np.abs(x.astype(np.float64)).reshape(-1, K // block, block)
     amax = xb.max(-1)  # [rows, blocks]
     wabs = np.abs(w).reshape(K // block, block, N).sum(1)  # [blocks, N]
@@ -88,7 +88,7 @@ def _bound(x: np.ndarray, w: np.ndarray, block: int) -> np.ndarray:
 @pytest.mark.parametrize("bias, zero_points", [(False, False), (True, False), (False, True), (True, True)])
 def test_halves_match_float_activations_within_the_derived_bound(block, bias, zero_points):
     proto = _model(block, bias, zero_points)
-    digits, changed = _rewritten(proto, "int8x2")
+    halves, changed = _rewritten(proto, "int8x2")
     assert changed == 1
     w = _dequantized(*_weights(block), block, zero_points)
     x0 = np.random.default_rng(0).standard_normal((1, 1, K)).astype(np.float32)
@@ -98,7 +98,7 @@ def test_halves_match_float_activations_within_the_derived_bound(block, bias, ze
     for shape in [(1, 1), (2, 3), (1, 9)]:
         x = (rng.standard_normal((*shape, K)) * rng.uniform(0.01, 10, (*shape, 1))).astype(np.float32)
         x[..., :block] = 0  # an all-zero block: scale 1, codes 0, no NaN
-        want, got = _run(proto, x), _run(digits, x)
+        want, got = _run(proto, x), _run(halves, x)
         assert got.shape == want.shape and np.isfinite(got).all()
         err = np.abs(got.astype(np.float64) - want).reshape(-1, N)
         assert (err <= _bound(x, w, block)).all(), err.max()
@@ -117,10 +117,10 @@ def test_auto_switches_to_the_float_kernel_above_max_rows():
                      for n in g.node if n.op_type == "MatMulNBits"] for name, g in branches.items()}
     assert levels == {"then_branch": [4], "else_branch": [0]}
     rng = np.random.default_rng(2)
-    for rows, digits in [(1, True), (4, True), (5, False), (12, False)]:
+    for rows, halves in [(1, True), (4, True), (5, False), (12, False)]:
         x = rng.standard_normal((1, rows, K)).astype(np.float32)
         want, got = _run(proto, x), _run(auto, x)
-        if digits:
+        if halves:
             assert 0 < np.abs(got - want).max() <= _bound(x, _dequantized(*_weights(32), 32), 32).max()
         else:
             np.testing.assert_array_equal(got, want)  # the node as it was
@@ -211,7 +211,7 @@ def test_export_onnxruntime_target_defaults_to_auto_and_keeps_parity(tmp_path):
         assert got.shape == want.shape and cos >= 0.99999, (shape, cos)
 
 
-def test_export_rejects_digits_for_the_standard_target_and_unknown_modes(tmp_path):
+def test_export_rejects_halves_for_the_standard_target_and_unknown_modes(tmp_path):
     x = (torch.randn(1, 4, 256),)
     with pytest.raises(UnsupportedError, match="needs target='onnxruntime'"):
         export_onnx(_stack(), x, tmp_path / "a.onnx", recipe="w4a16", w4a16_activations="int8x2")

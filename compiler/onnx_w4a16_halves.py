@@ -53,7 +53,7 @@ MIN_WEIGHTS = 2**22  # K * N below which the extra nodes cost more than the int8
 MODES = ("auto", "float", "int8x2")
 _INT8_MAX = 127.0
 # the ops the rewrite adds (Shape/Concat/Reshape compute the output shape)
-_DIGIT_OPS = ["Shape", "Reshape", "Abs", "ReduceMax", "Div", "Max", "Round", "Mul", "Sub", "Concat", "ReduceSum"]
+_HALVES_OPS = ["Shape", "Reshape", "Abs", "ReduceMax", "Div", "Max", "Round", "Mul", "Sub", "Concat", "ReduceSum"]
 
 
 def ops_after_split(ops: list[str], mode: str, weights: int | None = None) -> list[str]:
@@ -64,7 +64,7 @@ def ops_after_split(ops: list[str], mode: str, weights: int | None = None) -> li
     if mode == "auto" and weights is not None and weights < MIN_WEIGHTS:
         return list(ops)
     extra = ["Size", "LessOrEqual", "If"] if mode == "auto" else []
-    return list(dict.fromkeys([*extra, *ops, *_DIGIT_OPS]))
+    return list(dict.fromkeys([*extra, *ops, *_HALVES_OPS]))
 
 
 def _attr(node: Any, name: str, default: int) -> int:
@@ -87,7 +87,7 @@ def decline_reason(node: Any, min_weights: int = 0) -> str | None:
         return f"block_size={block} with K={k}: needs a power of two >= 16 dividing K"
     if k * n < min_weights:
         return (f"K x N = {k} x {n} < {min_weights}: the extra nodes cost more than the int8 kernel saves "
-                "on a layer this small (measured: qhl/onnx_w4a16_digits.py)")
+                "on a layer this small (measured: qhl/onnx_w4a16_halves.py)")
     return None
 
 
@@ -100,7 +100,7 @@ class _Builder:
     def const(self, name: str, value: Any) -> Any:
         import onnx_ir as ir
 
-        name = f"qhl_digits_{name}"
+        name = f"qhl_halves_{name}"
         if name in self.main.initializers:
             return self.main.initializers[name]
         arr = np.asarray(value)
@@ -131,7 +131,7 @@ def _to_attr(name: str, v: Any) -> Any:
     return ir.AttrInt64(name, int(v))
 
 
-def _digits_branch(b: _Builder, node: Any, out_shape: Any) -> Any:
+def _halves_branch(b: _Builder, node: Any, out_shape: Any) -> Any:
     """The 'then' graph's output: [d, x - d] (d: x rounded to int8 per block) through one level-4
     MatMulNBits, the two halves summed."""
     k, n, g = _attr(node, "K", 0), _attr(node, "N", 0), _attr(node, "block_size", 0)
@@ -191,7 +191,7 @@ def split_w4a16_activations(model: Any, mode: str = "auto", max_rows: int = MAX_
         out_shape = outer.op("Concat", outer.op("Shape", x, end=-1),
                              outer.const(f"n_{n}", np.array([n], np.int64)), axis=0)
         then_b = _Builder(graph, f"{tag}/then")
-        then_out = _digits_branch(then_b, node, out_shape)
+        then_out = _halves_branch(then_b, node, out_shape)
         y_old = node.outputs[0]
         if mode == "int8x2":
             new_nodes, y_new = outer.nodes + then_b.nodes, then_out
