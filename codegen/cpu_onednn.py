@@ -78,6 +78,23 @@ def x86_has_int8_vnni() -> bool:
         return False
 
 
+@functools.cache
+def u8_int_mm_supported() -> bool:
+    """Whether this torch's CPU `torch._int_mm` takes a uint8 left operand (u8 x s8). torch 2.13
+    does; torch 2.11 raises "Expected self dtype to be of type int8" (seen on a GPU machine's own
+    torch), and there the int8 formulations run instead."""
+    try:
+        torch._int_mm(torch.zeros(1, 8, dtype=torch.uint8), torch.zeros(8, 8, dtype=torch.int8))
+    except RuntimeError:
+        return False
+    return True
+
+
+def u8s8_int_mm_exact() -> bool:
+    """u8 x s8 `torch._int_mm` on this CPU is available and exact (VNNI or AMX)."""
+    return x86_has_int8_vnni() and u8_int_mm_supported()
+
+
 INT8_GEMM_FLAG = "QHL_CPU_INT8_GEMM"  # "int8" / "float": force the CPU's integer-GEMM choice
 
 

@@ -53,8 +53,26 @@ __all__ = [
 INT8_QMAX = 127
 
 
+def int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a [M, K] int8 @ b [K, N] int8 -> int32 [M, N], exact, on any device and shape.
+
+    torch._int_mm on CUDA needs M > 16 and K, N multiples of 8 (it raises otherwise: decode-sized
+    inputs hit this). There the product is taken in float64 instead, which is exact: every
+    partial sum is an integer of magnitude <= 128 * 128 * K < 2^53."""
+    if a.is_cuda and (a.shape[0] <= 16 or a.shape[1] % 8 or b.shape[1] % 8):
+        return (a.double() @ b.double()).to(torch.int32)
+    return torch._int_mm(a, b)
+
+
+def div_scalar(t: Tensor, c: float) -> Tensor:
+    """t / c with IEEE division on every device. On CUDA, PyTorch divides by a Python scalar as a
+    multiply by its reciprocal (1 ulp off for some t, so a scale would differ from the Triton
+    kernels' tl.math.div_rn and the CPU's); dividing by a 0-d tensor on t's device is IEEE."""
+    return t / (t.new_full((), float(c)) if t.is_cuda else c)
+
+
 def _safe_scale(amax: Tensor, qmax: float) -> Tensor:
-    scale = amax / qmax
+    scale = div_scalar(amax, qmax)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 

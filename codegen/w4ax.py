@@ -107,7 +107,7 @@ def w4ax_linear_spec(
     xq, xs = quantize_activations(x2, hadamard_block, bits)
     wq = quant.unpack_int4_signed(w_packed)  # int8 [N, K], per call
     # [N, K] contiguous: the transposed view is the layout _int_mm is fast on (as in w8a8).
-    acc = torch._int_mm(xq, wq.t())
+    acc = quant.int_mm(xq, wq.t())
     y = acc.to(torch.float32).mul_(w_scale.float()).mul_(xs)
     if bias is not None:
         y.add_(bias.float())

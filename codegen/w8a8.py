@@ -69,11 +69,12 @@ def _cpu_plan(m: int, n: int, k: int) -> str:
     without AMX, and for one token without AMX."""
     if not cpu_onednn.int8_gemm_is_fast():
         return "f32"
+    u8 = cpu_onednn.u8_int_mm_supported()  # False on an older torch: its _int_mm takes int8 only
     if cpu_onednn.cpu_has_amx():
-        return "u8" if m == 1 else ("onednn" if cpu_onednn.worthwhile(m, n, k) else "cols")
+        return "u8" if m == 1 and u8 else ("onednn" if cpu_onednn.worthwhile(m, n, k) else "cols")
     if m <= _ROWWISE_MAX_M:
-        return "u8_rows" if cpu_onednn.x86_has_int8_vnni() else "rows"
-    return "cols" if m <= _TRANSPOSED_MAX_M else "u8"
+        return "u8_rows" if cpu_onednn.u8s8_int_mm_exact() else "rows"
+    return "cols" if m <= _TRANSPOSED_MAX_M or not u8 else "u8"
 
 
 # 128 * sum_k Wq[n, k] (int32 [N]) of each int8 weight, for the u8 formulation: exact in int32
@@ -285,7 +286,7 @@ def _w8a8_linear_generic(
     x2 = x.reshape(-1, k)
     xq, xs = quant.quantize_per_token(x2)
     # w_int8 is stored [N, K] contiguous: the transposed view is the layout _int_mm is fast on.
-    acc = torch._int_mm(xq, w_int8.t())
+    acc = quant.int_mm(xq, w_int8.t())
     y = acc.to(torch.float32).mul_(xs).mul_(w_scale)
     if bias is not None:
         y.add_(bias.float())

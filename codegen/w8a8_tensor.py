@@ -64,7 +64,7 @@ def quantize_per_tensor_u8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     xf = x.float()
     lo, hi = torch.aminmax(xf)
     lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-    s = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / QMAX_U8)
+    s = torch.where(hi == lo, torch.ones_like(hi), quant.div_scalar(hi - lo, QMAX_U8))
     z = torch.round((0.0 - lo / s).clamp(0.0, QMAX_U8))
     q = torch.round(xf / s).add_(z).clamp_(0, QMAX_U8).to(torch.uint8)
     return q, s, z
@@ -80,11 +80,11 @@ def int_gemm_zero_point(q: Tensor, z: Tensor, w_int8: Tensor) -> Tensor:
         # plan 'f32' (w8a8.py): |(q - z) * Wq| <= 255 * 127 is exact in float32
         return torch.mm(q.float() - z, float_codes(w_int8).t())
     col = weight_column_sums(w_int8)
-    if q.device.type == "cpu" and cpu_onednn.x86_has_int8_vnni():
+    if q.device.type == "cpu" and cpu_onednn.u8s8_int_mm_exact():
         # u8 x s8: VNNI accumulates every product exactly (without it VPMADDUBSW saturates pairs)
         return torch._int_mm(q, w_int8.t()).sub_(col * zi)
     c = (q ^ 0x80).view(torch.int8)  # q - 128, in [-128, 127]
-    return torch._int_mm(c, w_int8.t()).add_(col * (128 - zi))
+    return quant.int_mm(c, w_int8.t()).add_(col * (128 - zi))
 
 
 def w8a8_tensor_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor,
@@ -155,7 +155,7 @@ def w8a8_tensor_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor,
     s = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / QMAX_U8)
     z = torch.round((0.0 - lo / s).clamp(0.0, QMAX_U8))
     q = (torch.round(xf / s) + z).clamp(0, QMAX_U8)
-    if cpu_onednn.x86_has_int8_vnni():  # u8 x s8, exact with VNNI: [q; 1] @ Wq^T, minus z * colsum
+    if cpu_onednn.u8s8_int_mm_exact():  # u8 x s8, exact with VNNI: [q; 1] @ Wq^T, minus z * colsum
         a = torch.cat([q.to(torch.uint8), torch.ones(1, k, dtype=torch.uint8)])
         acc_all = torch.ops.aten._int_mm.default(a, w_int8.t())
         acc = acc_all[:-1] - z.to(torch.int32) * acc_all[-1:]

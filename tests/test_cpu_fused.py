@@ -108,13 +108,15 @@ def test_int8_gemm_detection_and_override(int8_gemm):
 @pytest.mark.parametrize("m", [1, 4])
 def test_few_tokens_take_the_u8_gemv_only_where_vnni_keeps_it_exact(m, int8_gemm):
     """Without AMX, 1-4 tokens run one GEMV per token: u8 x s8 (17-21% faster, measured on an AMD
-    EPYC Zen 5) only on an x86 CPU with VNNI, where its int32 sums are exact; s8 elsewhere."""
+    EPYC Zen 5) only on an x86 CPU with VNNI, where its int32 sums are exact, and with a torch
+    whose _int_mm takes uint8 (2.11's does not); s8 elsewhere."""
     int8_gemm("int8")
     plan = w8a8._cpu_plan(m, 4096, 4096)
     if cpu_onednn.cpu_has_amx():  # u8, or the prepacked / transposed GEMM (QHL_CPU_PREPACK)
         assert plan not in ("rows", "u8_rows")
     else:
-        assert plan == ("u8_rows" if cpu_onednn.x86_has_int8_vnni() else "rows")
+        vnni_u8 = cpu_onednn.x86_has_int8_vnni() and cpu_onednn.u8_int_mm_supported()
+        assert plan == ("u8_rows" if vnni_u8 else "rows")
 
 
 def test_u8_compensation_follows_an_in_place_weight_change(monkeypatch):

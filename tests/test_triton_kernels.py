@@ -212,6 +212,52 @@ def test_specs_specialise_the_text():
     assert "x.to(tl.float32)" in bf16 and 'input_precision="ieee"' in bf16  # interpreter bf16 dot
 
 
+def test_decode_and_wide_tiles_are_their_own_kernels():
+    wide = emit.make_spec("w8a16", 4096, 4096, torch.bfloat16)
+    decode = emit.make_spec("w8a16", 4096, 4096, torch.bfloat16, tile="decode")
+    assert (wide.block_n, wide.block_k) == emit.TILES[("w8a16", "wide", "16")]
+    assert (decode.block_n, decode.block_k) == emit.TILES[("w8a16", "decode", "16")]
+    assert decode.name == wide.name + "_decode" and emit.render(decode) != emit.render(wide)
+    # int8 dot operands: w8a8's tiles whatever x's dtype
+    w8a8 = emit.make_spec("w8a8", 4096, 4096, torch.float32, tile="decode")
+    assert (w8a8.block_n, w8a8.block_k) == emit.TILES[("w8a8", "decode", "any")]
+    # No tile of its own: the wide kernel serves every token count (fp32 x keeps 64 x 64 here).
+    f32 = emit.make_spec("w8a16", 4096, 4096, torch.float32, tile="decode")
+    assert f32 == emit.make_spec("w8a16", 4096, 4096, torch.float32) and (f32.block_n, f32.block_k) == (64, 64)
+    # Clamped by a small N and K, and w4a16's BLOCK_K still divides the group.
+    small = emit.make_spec("w4a16", 128, 24, torch.float16, group_size=32, tile="decode")
+    assert (small.block_n, small.block_k, small.tile) == (16, 32, "decode")
+    # Blocks given explicitly win over the table.
+    given = emit.make_spec("w8a8", 4096, 4096, torch.float16, block_n=64, block_k=64, tile="decode")
+    assert (given.block_n, given.block_k, given.tile) == (64, 64, "wide")
+    with pytest.raises(KernelError, match="tile='narrow'"):
+        emit.make_spec("w8a8", 64, 64, tile="narrow")
+    assert emit.tile_for(emit.DECODE_MAX_M) == "decode" and emit.tile_for(emit.DECODE_MAX_M + 1) == "wide"
+
+
+@pytest.mark.parametrize("family", ["w8a16", "w4a16", "w8a8"])
+@pytest.mark.parametrize("m", [3, 40])
+def test_wrappers_launch_the_tile_of_their_token_count(family, m):
+    K, N, dtype = 256, 80, torch.float16
+    x = torch.randn(m, K, dtype=dtype, device=DEVICE)
+    w = torch.randn(N, K)
+    if family == "w4a16":
+        packed, scale, zero = (t.to(DEVICE) for t in quant.quantize_int4_groupwise(w, 128, False))
+        y = w4a16_linear_triton(x, packed, scale, zero, 128)
+        ref = w4a16_linear_spec(x.cpu(), packed.cpu(), scale.cpu(), zero.cpu(), 128, None)
+    else:
+        q8, s8 = (t.to(DEVICE) for t in quant.quantize_int8_per_channel(w))
+        triton_fn, spec_fn = {"w8a16": (w8a16_linear_triton, w8a16_linear_spec),
+                              "w8a8": (w8a8_linear_triton, w8a8_linear_spec)}[family]
+        y = triton_fn(x, q8, s8)
+        ref = spec_fn(x.cpu(), q8.cpu(), s8.cpu(), None)
+    tile = emit.tile_for(m)
+    spec = emit.make_spec(family, K, N, dtype, group_size=128 if family == "w4a16" else 0, tile=tile)
+    assert spec.tile == tile and spec in emit._LOADED  # the kernel of this token count ran
+    # w8a8: bit-exact codes, so only the fp32 epilogue and the fp16 store round
+    assert _rel_err(y.cpu(), ref) <= WEIGHT_ONLY_TOL[dtype]
+
+
 def test_per_token_quant_qmax_is_specialised_and_only_for_that_family():
     """The w4a4 prologue is the same template with qmax 7 (4-bit codes), named for it."""
     spec = emit.make_spec("per_token_quant", 96, dtype=torch.float16, qmax=7)
@@ -286,6 +332,27 @@ def test_torch_compile_attaches_and_runs_per_node_kernels():
     assert _rel_err(h.cpu(), compiled_out.cpu()) <= WEIGHT_ONLY_TOL[torch.float32]
 
 
+# --- the specs' int8 GEMM and scale on CUDA (what the kernels are held to there) ---
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 64, 48), (6, 40, 24), (17, 64, 32)])
+def test_int_mm_is_exact_on_any_shape(m, k, n):
+    """CUDA's torch._int_mm needs M > 16 and K, N multiples of 8; quant.int_mm takes any shape."""
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    want = a.long() @ b.long().t()
+    got = quant.int_mm(a.to(DEVICE), b.to(DEVICE).t())
+    assert got.dtype == torch.int32 and torch.equal(got.cpu().long(), want)
+
+
+def test_scales_divide_like_the_cpu_on_every_device():
+    """On CUDA, tensor / python-scalar is a multiply by the reciprocal; div_scalar is IEEE there."""
+    amax = torch.rand(4096) * 10
+    for qmax in (7, 127, 255):
+        want = amax / qmax  # the CPU's IEEE division
+        assert torch.equal(quant.div_scalar(amax.to(DEVICE), qmax).cpu(), want), qmax
+
+
 # --- the rendered kernels compile for real GPUs (no GPU needed: Triton compiles ahead of time) ---
 
 
@@ -311,12 +378,18 @@ def _signature(spec: emit.KernelSpec, quant_prologue: bool) -> tuple[dict, dict]
 
 
 AOT_SPECS = [
-    # (family, K, N, dtype, bias, group_size): every family (w8a8 embeds the per-token quant
-    # kernel), every activation dtype, fp32's "ieee" dot, a K tail, with and without bias.
-    ("w8a8", 96, 33, "bfloat16", True, 0),
-    ("w8a16", 40, 24, "float32", False, 0),
-    ("w4a16", 128, 64, "float16", True, 64),
-    ("w4a16", 64, 24, "bfloat16", False, 32),
+    # (family, K, N, dtype, bias, group_size, tile): every family (w8a8 embeds the per-token quant
+    # kernel), every activation dtype, fp32's "ieee" dot, a K tail, with and without bias; and the
+    # measured H100 tiles (emit.TILES) at a 4096^2 layer, where they are not clamped by K or N.
+    ("w8a8", 96, 33, "bfloat16", True, 0, "wide"),
+    ("w8a16", 40, 24, "float32", False, 0, "wide"),
+    ("w4a16", 128, 64, "float16", True, 64, "wide"),
+    ("w4a16", 64, 24, "bfloat16", False, 32, "wide"),
+    ("w8a8", 4096, 4096, "bfloat16", True, 0, "decode"),
+    ("w8a8", 4096, 4096, "float32", False, 0, "wide"),
+    ("w8a16", 4096, 4096, "bfloat16", False, 0, "decode"),
+    ("w8a16", 4096, 4096, "float16", True, 0, "wide"),
+    ("w4a16", 4096, 4096, "bfloat16", False, 128, "decode"),
 ]
 AOT_ARCHS = (80, 90)  # A100 (mma.sync) and H100 (wgmma) lower tl.dot differently
 
@@ -330,8 +403,9 @@ def _compile_for_gpus(specs: list) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for family, K, N, dtype, with_bias, group_size in specs:
-        spec = emit.make_spec(family, K, N, dtype, with_bias, group_size)
+    for family, K, N, dtype, with_bias, group_size, tile in specs:
+        spec = emit.make_spec(family, K, N, dtype, with_bias, group_size, tile=tile)
+        assert spec.tile == tile, (family, dtype, tile)  # each listed tile has blocks of its own
         spec = dataclasses.replace(spec, interpret=False)
         module = emit.load(spec)
         for name in [spec.name] + ([f"{spec.name}_quant"] if family == "w8a8" else []):

@@ -54,6 +54,9 @@ __all__ = [
     "k_mask",
     "render_epilogue",
     "block_m_for",
+    "tile_for",
+    "TILES",
+    "DECODE_MAX_M",
     "check_device",
     "check_tensor",
     "check_x_and_bias",
@@ -91,6 +94,33 @@ MAX_QUANT_BLOCK_K = 1024
 # Families whose tl.dot operands are int8 whatever x's dtype (their prologue quantizes x).
 INT8_DOT_FAMILIES = ("w8a8", "w8a8-tensor")
 
+# Tiles (BLOCK_N, BLOCK_K) measured on an NVIDIA H100 (benchmarks/gpu_speed.py part (b), one
+# 4096^2 layer in bf16, results/speed_gpu_h100_tiles.md) that beat the generic 64 x 64 default: "decode"
+# runs at <= DECODE_MAX_M tokens (BLOCK_M = 16), where few, long programs starve the SMs and a
+# deep BLOCK_K halves the loop; "wide" above. Keyed by (family, tile, x's dtype class): "16" for
+# float16/bfloat16, "any" where the dot operands are int8 whatever x is. Pairs not listed keep the
+# generic default, so fp32 activations (a larger shared-memory footprint) are unchanged.
+DECODE_MAX_M = 16
+TILES: dict[tuple[str, str, str], tuple[int, int]] = {
+    ("w8a16", "decode", "16"): (32, 256),  # 16.5 us vs 33.9 at 1 token
+    ("w8a16", "wide", "16"): (128, 128),  # 41.3 vs 41.5 us at 256 tokens, 196 vs 227 at 2048
+    ("w4a16", "decode", "16"): (16, 128),  # 41.1 vs 81.8 us at 1 token (BLOCK_K <= the group)
+    ("w8a8", "decode", "any"): (32, 256),  # 19.9 vs 36.8 us at 1 token
+    ("w8a8", "wide", "any"): (128, 128),  # 30.0 vs 40.8 us at 256 tokens, 93.9 vs 155 at 2048
+}
+TILE_NAMES = ("wide", "decode")
+
+
+def tile_for(m: int) -> str:
+    """The tile class of a launch over m tokens (rows of x)."""
+    return "decode" if m <= DECODE_MAX_M else "wide"
+
+
+def _tile_blocks(family: str, tile: str, dtype: str) -> tuple[int, int] | None:
+    if family in INT8_DOT_FAMILIES:
+        return TILES.get((family, tile, "any"))
+    return TILES.get((family, tile, "16")) if dtype in ("float16", "bfloat16") else None
+
 
 def interpret_mode() -> bool:
     """Whether Triton runs kernels on its CPU interpreter: TRITON_INTERPRET, read as triton does."""
@@ -116,6 +146,7 @@ class KernelSpec:
     block_k: int = 0
     interpret: bool = False  # render the interpreter workarounds (bf16 dot operands as fp32)
     qmax: int = 127  # per_token_quant only: codes in [-qmax, qmax] (127: 8-bit, 7: 4-bit codes)
+    tile: str = "wide"  # "decode": the blocks for <= DECODE_MAX_M tokens (TILES), its own kernel
 
     @property
     def name(self) -> str:
@@ -130,6 +161,8 @@ class KernelSpec:
         if self.family != "per_token_quant":
             parts.append("bias" if self.has_bias else "nobias")
         parts.append({"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.dtype])
+        if self.tile != "wide":
+            parts.append(self.tile)
         return "_".join(parts)
 
     @property
@@ -207,10 +240,15 @@ def make_spec(
     block_n: int | None = None,
     block_k: int | None = None,
     qmax: int = 127,
+    tile: str = "wide",
 ) -> KernelSpec:
-    """A validated KernelSpec with default block sizes for what is not given."""
+    """A validated KernelSpec with default block sizes for what is not given: the measured TILES
+    entry for (family, tile, dtype) where there is one, else the generic default. A tile with no
+    entry of its own is the "wide" spec (same name, same kernel)."""
     if family not in FAMILIES:
         raise KernelError(f"unknown kernel family {family!r}; known: {sorted(FAMILIES)}")
+    if tile not in TILE_NAMES:
+        raise KernelError(f"{family}: tile={tile!r}; known: {TILE_NAMES}")
     name = _dtype_name(dtype)
     K, N, group_size = int(K), int(N), int(group_size)
     if K <= 0 or (family != "per_token_quant" and N <= 0):
@@ -225,19 +263,24 @@ def make_spec(
     qmax = int(qmax)
     if qmax != 127 and (family != "per_token_quant" or not 1 <= qmax < 127):
         raise KernelError(f"{family}: qmax={qmax}; only per_token_quant takes a qmax other than 127, in [1, 127)")
+    tiled = None
     if family == "per_token_quant":
         block_n = 0
         block_k = block_k or min(_next_pow2(K), MAX_QUANT_BLOCK_K)
     else:
         operand = "int8" if family in INT8_DOT_FAMILIES else name
-        block_n = block_n or min(max(_next_pow2(N), MIN_BLOCK_MN), MAX_BLOCK)
+        tiled = None if block_n or block_k else _tile_blocks(family, tile, name)
+        max_n, max_k = tiled or (MAX_BLOCK, MAX_BLOCK)
+        block_n = block_n or min(max(_next_pow2(N), MIN_BLOCK_MN), max_n)
         if block_k is None:
-            block_k = min(max(_next_pow2(K), MIN_BLOCK_K[operand], 32), MAX_BLOCK)
+            block_k = min(max(_next_pow2(K), MIN_BLOCK_K[operand], 32), max_k)
             if family == "w4a16":  # the largest power of two that divides the group size
                 block_k = min(block_k, group_size & -group_size)
+    if tile != "wide" and (family == "per_token_quant" or tiled is None):
+        tile = "wide"  # no blocks of its own: the wide kernel serves every token count
     check_blocks(family, name, None, block_n, block_k, group_size)
     has_bias = bool(has_bias) and family != "per_token_quant"
-    return KernelSpec(family, K, N, name, has_bias, group_size, block_n, block_k, interpret_mode(), qmax)
+    return KernelSpec(family, K, N, name, has_bias, group_size, block_n, block_k, interpret_mode(), qmax, tile)
 
 
 def _family_module(family: str) -> ModuleType:
@@ -320,8 +363,8 @@ def _node_dtype(node: fx.Node, info: MatmulInfo) -> Any:
     return getattr(xv, "dtype", torch.float32)
 
 
-def spec_for(node: fx.Node, info: MatmulInfo) -> KernelSpec:
-    """The KernelSpec of a rewritten matmul node."""
+def spec_for(node: fx.Node, info: MatmulInfo, tile: str = "wide") -> KernelSpec:
+    """The KernelSpec of a rewritten matmul node (its kernel for `tile`'s token counts)."""
     try:
         K, N = operator.index(info.in_features), operator.index(info.out_features)
     except TypeError:
@@ -336,6 +379,7 @@ def spec_for(node: fx.Node, info: MatmulInfo) -> KernelSpec:
         dtype=_node_dtype(node, info),
         has_bias=_node_has_bias(node, info),
         group_size=int(info.knobs.get("group_size", 0)) if info.form == "w4a16" else 0,
+        tile=tile,
     )
 
 
@@ -371,6 +415,9 @@ def attach_kernel_sources(gm: fx.GraphModule) -> int:
             if info.form in FAMILIES:
                 spec = spec_for(node, info)
                 name, text = spec.name, render(spec)
+                decode = spec_for(node, info, tile="decode")
+                if decode != spec:  # the kernel that runs at <= DECODE_MAX_M tokens, shown too
+                    text += "\n\n" + render(decode)
             else:
                 found = sources.fixed_kernel_source(info, _render_for(node, info))
                 if found is None:

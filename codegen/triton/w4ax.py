@@ -80,8 +80,8 @@ def w4ax_gemm_kernel(
         packed = tl.load(w_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0x88)
         lo = (packed & 0xF).to(tl.int8) - 8
         hi = (packed >> 4).to(tl.int8) - 8
-        acc = tl.dot(a_even, lo, acc)
-        acc = tl.dot(a_odd, hi, acc)
+        acc = tl.dot(a_even, lo, acc, out_dtype=tl.int32)
+        acc = tl.dot(a_odd, hi, acc, out_dtype=tl.int32)
         x_even_ptrs += 2 * BLOCK_KH * stride_xk
         w_ptrs += BLOCK_KH * stride_wk
 

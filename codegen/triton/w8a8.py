@@ -62,7 +62,7 @@ def {name}(
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(xq_ptrs, mask=mask_m[:, None]{x_kmask}, other=0)
         b = tl.load(w_ptrs, mask=mask_n[None, :]{w_kmask}, other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         xq_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -90,11 +90,15 @@ def render(spec: emit.KernelSpec) -> str:
 
 
 def w8a8_linear_triton(
-    x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None
+    x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
+    blocks: Optional[tuple[int, int]] = None,
 ) -> Tensor:
-    """y [..., N] = dequant(Q(x) @ Wq.T) (+ b), in x's dtype; see the module docstring."""
+    """y [..., N] = dequant(Q(x) @ Wq.T) (+ b), in x's dtype; see the module docstring.
+    blocks=(BLOCK_N, BLOCK_K) overrides the default tile (for tuning: benchmarks/gpu_speed.py)."""
     N, K = emit.check_int8_linear("w8a8_linear", x, w_int8, w_scale, bias)
-    spec = emit.make_spec("w8a8", K, N, x.dtype, has_bias=bias is not None)
+    block_n, block_k = blocks or (None, None)
+    spec = emit.make_spec("w8a8", K, N, x.dtype, has_bias=bias is not None, block_n=block_n, block_k=block_k,
+                          tile=emit.tile_for(x.numel() // K))
     module = emit.load(spec)
 
     x2 = x.reshape(-1, K)

@@ -195,7 +195,7 @@ def {name}(
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(xq_ptrs, mask=mask_m[:, None]{x_kmask}, other=0)
         b = tl.load(w_ptrs, mask=mask_n[None, :]{w_kmask}, other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         xq_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 

@@ -175,11 +175,15 @@ def _launch(
 
 
 def w8a16_linear_triton(
-    x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None
+    x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
+    blocks: Optional[tuple[int, int]] = None,
 ) -> Tensor:
-    """y [..., N] = (x @ Wq.T) * s_w (+ b) in x's dtype; see the module docstring."""
+    """y [..., N] = (x @ Wq.T) * s_w (+ b) in x's dtype; see the module docstring.
+    blocks=(BLOCK_N, BLOCK_K) overrides the default tile (for tuning: benchmarks/gpu_speed.py)."""
     N, K = emit.check_int8_linear("w8a16_linear", x, w_int8, w_scale, bias)
-    spec = emit.make_spec("w8a16", K, N, x.dtype, has_bias=bias is not None)
+    block_n, block_k = blocks or (None, None)
+    spec = emit.make_spec("w8a16", K, N, x.dtype, has_bias=bias is not None, block_n=block_n, block_k=block_k,
+                          tile=emit.tile_for(x.numel() // K))
     return _launch(spec, x, (w_int8, w_scale), (w_scale.stride(0),), bias)
 
 
@@ -190,8 +194,10 @@ def w4a16_linear_triton(
     zero: Tensor,
     group_size: int,
     bias: Optional[Tensor] = None,
+    blocks: Optional[tuple[int, int]] = None,
 ) -> Tensor:
-    """y [..., N] = x @ ((C - z) * s).T (+ b) in x's dtype; see the module docstring."""
+    """y [..., N] = x @ ((C - z) * s).T (+ b) in x's dtype; see the module docstring.
+    blocks=(BLOCK_N, BLOCK_K) overrides the default tile (for tuning: benchmarks/gpu_speed.py)."""
     op = "w4a16_linear"
     emit.check_tensor(op, "packed", packed, (torch.uint8,))
     if packed.dim() != 2 or 0 in packed.shape:
@@ -208,6 +214,8 @@ def w4a16_linear_triton(
     emit.check_tensor(op, "scale", scale, (torch.float32,), groups)
     emit.check_tensor(op, "zero", zero, (torch.uint8,), groups)
     emit.check_device(op, x=x, packed=packed, scale=scale, zero=zero, bias=bias)
-    spec = emit.make_spec("w4a16", K, N, x.dtype, has_bias=bias is not None, group_size=group_size)
+    block_n, block_k = blocks or (None, None)
+    spec = emit.make_spec("w4a16", K, N, x.dtype, has_bias=bias is not None, group_size=group_size,
+                          block_n=block_n, block_k=block_k, tile=emit.tile_for(x.numel() // K))
     strides = (scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1))
     return _launch(spec, x, (packed, scale, zero), strides, bias)
