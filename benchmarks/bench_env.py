@@ -21,7 +21,8 @@ import torch
 
 import qhl
 
-__all__ = ["qhl_sources", "machine", "round_robin_ms", "round_robin", "rotated", "cosine", "sqnr", "write_results"]
+__all__ = ["qhl_sources", "machine", "round_robin_ms", "round_robin", "rotated", "cosine", "sqnr", "json_safe",
+           "write_results"]
 
 
 def qhl_sources() -> dict[str, str]:
@@ -105,6 +106,19 @@ def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
     ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
     err = float(np.sum((ref - out) ** 2))
     return math.inf if err == 0 else 10 * math.log10(float(np.sum(ref**2)) / err)
+
+
+def json_safe(v: Any, drop_private: bool = False) -> Any:
+    """v with string keys, lists for tuples, and None for inf/nan (JSON has neither). With
+    drop_private, dict keys starting with "_" (tensors kept for checks only) are left out."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x, drop_private) for k, x in v.items()
+                if not (drop_private and str(k).startswith("_"))}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x, drop_private) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def write_results(out: pathlib.Path, res: dict[str, Any], to_markdown: Callable[[dict[str, Any]], str]) -> str:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import qhl
-from bench_env import machine
+from bench_env import json_safe, machine
 from qhl.codegen import quant
 from qhl.metrics import perplexity, sqnr_db
 from qhl.models import load_minilm, load_smollm2, news_corpus_tokens, sentiment_sentences
@@ -432,15 +432,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(v: Any) -> Any:
-    """JSON has no inf/nan: the float32 row's infinite SQNR is written as null."""
-    if isinstance(v, dict):  # keys starting with "_" hold tensors kept for the checks only
-        return {k: _json_safe(x) for k, x in v.items() if not k.startswith("_")}
-    if isinstance(v, list):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def main() -> None:
@@ -466,7 +457,7 @@ def main() -> None:
                   checks=checks(smol, mini, default), seconds=time.perf_counter() - t0)
     RESULTS.mkdir(parents=True, exist_ok=True)
     md = markdown(result)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(json_safe(result, drop_private=True), indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(md)
     print(md)
     failed = [c["what"] for c in result["checks"] if c["status"] == "NO"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import pathlib
 import statistics
 import sys
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 import qhl
-from bench_env import machine, write_results
+from bench_env import json_safe, machine, write_results
 from qhl.metrics import sqnr_db
 
 log = logging.getLogger("gpu_speed")
@@ -180,7 +179,7 @@ def part_a(args: argparse.Namespace, device: str, dtype: torch.dtype, out: pathl
         rows.append(row)
         log.info("%d tokens: %s", m, ", ".join(
             f"{n} {r.get('graph_ms', float('nan')):.4f} ms" for n, r in row["results"].items()))
-        out.with_suffix(".json").write_text(json.dumps(_json_safe(res), indent=2))  # partial results
+        out.with_suffix(".json").write_text(json.dumps(json_safe(res), indent=2))  # partial results
 
 
 def part_b(args: argparse.Namespace, device: str, dtype: torch.dtype, res: dict[str, Any]) -> None:
@@ -219,14 +218,6 @@ def part_b(args: argparse.Namespace, device: str, dtype: torch.dtype, res: dict[
         log.info("(b) %d tokens: %d block shapes so far", m, len(rows))
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 def _f(v: Any, fmt: str = "{:.3f}") -> str:
@@ -315,7 +306,7 @@ def main() -> None:
     if not args.skip_blocks and (device == "cuda" or args.smoke):
         part_b(args, device, dtype, res)
     res["seconds"] = time.perf_counter() - t0
-    write_results(out, _json_safe(res), markdown)
+    write_results(out, json_safe(res), markdown)
 
 
 if __name__ == "__main__":

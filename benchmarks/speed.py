@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import qhl
-from bench_env import machine, rotated
+from bench_env import json_safe, machine, rotated
 from qhl.metrics import sqnr_db
 
 log = logging.getLogger("speed")
@@ -281,14 +281,6 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def main() -> None:
@@ -325,7 +317,7 @@ def main() -> None:
     suffix = ("_quick" if args.quick else "") + (f"_threads{args.threads}" if args.threads else "")
     suffix += "_thp" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else ""
     suffix += args.tag
-    (RESULTS / f"speed_cpu{suffix}.json").write_text(json.dumps(_json_safe(res), indent=2) + "\n")
+    (RESULTS / f"speed_cpu{suffix}.json").write_text(json.dumps(json_safe(res), indent=2) + "\n")
     (RESULTS / f"speed_cpu{suffix}.md").write_text(md)
     print(md)
     log.info("wrote %s (%.0fs)", RESULTS / f"speed_cpu{suffix}.{{json,md}}", res["seconds"])
