@@ -15,6 +15,8 @@ Needs CUDA (run it on a machine with an NVIDIA GPU; CI has none). Three parts:
     each output against the float32 model on the same input (TF32 off).
 (b) the w8a16 / w4a16 (g128) / w8a8 kernels' tiles on one WIDTH^2 layer at several token counts:
     the BLOCK_N x BLOCK_K grid qhl could choose from, against the default it does choose.
+(c) split-K at 1 and 16 tokens (codegen/triton/split_k.py): each family on its decode tile with
+    SPLIT_K programs per output tile, against SPLIT_K = 1 (the default until this is measured).
 
     python benchmarks/gpu_speed.py --out benchmarks/results/speed_gpu_h100
 """
@@ -182,21 +184,27 @@ def part_a(args: argparse.Namespace, device: str, dtype: torch.dtype, out: pathl
         out.with_suffix(".json").write_text(json.dumps(json_safe(res), indent=2))  # partial results
 
 
-def part_b(args: argparse.Namespace, device: str, dtype: torch.dtype, res: dict[str, Any]) -> None:
+def _launchers(device: str, K: int, N: int) -> dict[str, Callable[..., Any]]:
+    """family -> fn(x, blocks, split=1) on one random [N, K] weight (w4a16: g128)."""
     from qhl.codegen import quant
-    from qhl.codegen.triton import emit
     from qhl.codegen.triton.w8a8 import w8a8_linear_triton
     from qhl.codegen.triton.weight_only import w4a16_linear_triton, w8a16_linear_triton
 
-    K = N = args.width
     w = torch.randn(N, K)
     q8, s8 = (t.to(device) for t in quant.quantize_int8_per_channel(w))
     p4, s4, z4 = (t.to(device) for t in quant.quantize_int4_groupwise(w, 128, False))
-    launch = {
-        "w8a16": lambda x, blocks: w8a16_linear_triton(x, q8, s8, None, blocks=blocks),
-        "w4a16": lambda x, blocks: w4a16_linear_triton(x, p4, s4, z4, 128, None, blocks=blocks),
-        "w8a8": lambda x, blocks: w8a8_linear_triton(x, q8, s8, None, blocks=blocks),
+    return {
+        "w8a16": lambda x, blocks, split=1: w8a16_linear_triton(x, q8, s8, None, blocks=blocks, split=split),
+        "w4a16": lambda x, blocks, split=1: w4a16_linear_triton(x, p4, s4, z4, 128, None, blocks=blocks, split=split),
+        "w8a8": lambda x, blocks, split=1: w8a8_linear_triton(x, q8, s8, None, blocks=blocks, split=split),
     }
+
+
+def part_b(args: argparse.Namespace, device: str, dtype: torch.dtype, res: dict[str, Any]) -> None:
+    from qhl.codegen.triton import emit
+
+    K = N = args.width
+    launch = _launchers(device, K, N)
     res["b"] = rows = []
     for m in args.block_tokens:
         x = torch.randn(m, K, device=device, dtype=dtype)
@@ -222,6 +230,31 @@ def part_b(args: argparse.Namespace, device: str, dtype: torch.dtype, res: dict[
 
 def _f(v: Any, fmt: str = "{:.3f}") -> str:
     return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+
+def part_c(args: argparse.Namespace, device: str, dtype: torch.dtype, res: dict[str, Any]) -> None:
+    """Split-K at decode: each family on its decode tile, SPLIT_K programs per output tile."""
+    from qhl.codegen.triton import emit
+
+    K = N = args.width
+    launch = _launchers(device, K, N)
+    res["c"] = rows = []
+    for m in (1, 16):
+        x = torch.randn(m, K, device=device, dtype=dtype)
+        for family, fn in launch.items():
+            spec = emit.make_spec(family, K, N, dtype, group_size=128 if family == "w4a16" else 0,
+                                  tile=emit.tile_for(m))
+            ref = fn(x, None).float()
+            for split in args.splits:
+                row = dict(tokens=m, family=family, block_n=spec.block_n, block_k=spec.block_k, split=split)
+                try:
+                    y = fn(x, None, split).float()
+                    row["rel_err_vs_unsplit"] = float((y - ref).norm() / ref.norm())
+                    row["ms"] = bench_ms(lambda split=split: fn(x, None, split), device)
+                except Exception as e:  # noqa: BLE001 - a split that does not divide the k-blocks
+                    row["error"] = f"{type(e).__name__}: {e}"[:200]
+                rows.append(row)
+        log.info("(c) %d tokens: %d splits so far", m, len(rows))
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -256,6 +289,13 @@ def markdown(res: dict[str, Any]) -> str:
             ms = _f(r.get("ms"), "{:.4f}") if "error" not in r else r["error"][:60]
             lines.append(f"| {r['tokens']} | {r['family']} | {r['block_n']} | {r['block_k']}"
                          f"{' *' if r['default'] else ''} | {ms} | {_f(r.get('rel_err_vs_default'), '{:.1e}')} |")
+    if res.get("c"):
+        lines += ["", "## (c) split-K at decode, one layer, each family on its decode tile (ms)", "",
+                  "| tokens | family | tile | SPLIT_K | ms | rel. err vs SPLIT_K = 1 |", "|---:|---|---|---:|---:|---:|"]
+        for r in res["c"]:
+            ms = _f(r.get("ms"), "{:.4f}") if "error" not in r else r["error"][:60]
+            lines.append(f"| {r['tokens']} | {r['family']} | {r['block_n']} x {r['block_k']} | {r['split']} | {ms} | "
+                         f"{_f(r.get('rel_err_vs_unsplit'), '{:.1e}')} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -271,6 +311,8 @@ def main() -> None:
     ap.add_argument("--skip-blocks", action="store_true", help="skip part (b)")
     ap.add_argument("--skip-stack", action="store_true", help="skip part (a)")
     ap.add_argument("--block-tokens", default="1,16,256,2048", help="token counts of part (b)")
+    ap.add_argument("--splits", default="1,2,4,8,16", help="SPLIT_K values of part (c)")
+    ap.add_argument("--skip-splits", action="store_true", help="skip part (c)")
     ap.add_argument("--out", default=str(RESULTS / "speed_gpu"))
     ap.add_argument("--smoke", action="store_true",
                     help="no GPU: a tiny stack on the CPU (checks this script, measures nothing)")
@@ -278,12 +320,14 @@ def main() -> None:
     args.tokens = [int(t) for t in args.tokens.split(",")]
     args.forms = [f for f in args.forms.split(",") if f]
     args.block_tokens = [int(t) for t in args.block_tokens.split(",")]
+    args.splits = [int(t) for t in args.splits.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cuda" and not args.smoke:
         sys.exit("gpu_speed.py needs CUDA; --smoke runs a tiny CPU version of the script")
     if args.smoke:
         args.width, args.depth, args.tokens, args.rounds, args.block_tokens = 256, 2, [1, 4], 1, [1, 20]
+        args.splits = [1, 2]
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -305,6 +349,8 @@ def main() -> None:
         part_a(args, device, dtype, out, res)
     if not args.skip_blocks and (device == "cuda" or args.smoke):
         part_b(args, device, dtype, res)
+    if not args.skip_splits and (device == "cuda" or args.smoke):
+        part_c(args, device, dtype, res)
     res["seconds"] = time.perf_counter() - t0
     write_results(out, json_safe(res), markdown)
 

@@ -332,6 +332,52 @@ def test_torch_compile_attaches_and_runs_per_node_kernels():
     assert _rel_err(h.cpu(), compiled_out.cpu()) <= WEIGHT_ONLY_TOL[torch.float32]
 
 
+# --- split-K (codegen/triton/split_k.py) ---
+
+
+def _launchers(K: int, N: int):
+    """family -> (call(x, blocks, split), spec(x)) on fresh weights with a bias."""
+    w, b = torch.randn(N, K), torch.randn(N)
+    q8, s8 = quant.quantize_int8_per_channel(w)
+    p4, s4, z4 = quant.quantize_int4_groupwise(w, 32, False)
+    dev = [t.to(DEVICE) for t in (q8, s8, p4, s4, z4, b)]
+    return {
+        "w8a8": (lambda x, bl, sp: w8a8_linear_triton(x, dev[0], dev[1], dev[5], blocks=bl, split=sp),
+                 lambda x: w8a8_linear_spec(x, q8, s8, b)),
+        "w8a16": (lambda x, bl, sp: w8a16_linear_triton(x, dev[0], dev[1], dev[5], blocks=bl, split=sp),
+                  lambda x: w8a16_linear_spec(x, q8, s8, b)),
+        "w4a16": (lambda x, bl, sp: w4a16_linear_triton(x, *dev[2:5], 32, dev[5], blocks=bl, split=sp),
+                  lambda x: w4a16_linear_spec(x, p4, s4, z4, 32, b)),
+    }
+
+
+@pytest.mark.parametrize("family", ["w8a8", "w8a16", "w4a16"])
+@pytest.mark.parametrize("m, K, blocks, splits", [
+    (3, 96, (16, 32), (3,)),  # three k-blocks: one per split
+    (40, 256, (32, 32), (2, 4)),  # eight k-blocks in two or four splits, two M blocks
+    (5, 160, (16, 32), (5,)),  # a K that is no power of two
+])
+def test_split_k_matches_the_unsplit_kernel_and_the_spec(family, m, K, blocks, splits):
+    N, dtype = 48, torch.float16  # N: three BLOCK_N = 16 tiles, or a partial one at 32
+    call, spec = _launchers(K, N)[family]
+    x = torch.randn(m, K, dtype=dtype, device=DEVICE)
+    whole = call(x, blocks, 1)
+    for split in splits:
+        y = call(x, blocks, split)
+        if family == "w8a8":  # int32 partials: the exact sum, then the same epilogue
+            assert torch.equal(y, whole), split
+        assert _rel_err(y.cpu(), spec(x.cpu())) <= WEIGHT_ONLY_TOL[dtype], split
+
+
+def test_split_k_must_divide_the_k_blocks():
+    call, _ = _launchers(96, 32)["w8a16"]
+    x = torch.randn(2, 96, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(KernelError, match=r"split_k=2 must divide the 3 k-blocks of K=96 .*valid: \[1, 3\]"):
+        call(x, (16, 32), 2)
+    with pytest.raises(KernelError, match="split_k=0"):
+        call(x, (16, 32), 0)
+
+
 # --- the specs' int8 GEMM and scale on CUDA (what the kernels are held to there) ---
 
 
@@ -356,11 +402,22 @@ def test_scales_divide_like_the_cpu_on_every_device():
 # --- the rendered kernels compile for real GPUs (no GPU needed: Triton compiles ahead of time) ---
 
 
-def _signature(spec: emit.KernelSpec, quant_prologue: bool) -> tuple[dict, dict]:
+def _signature(spec: emit.KernelSpec, quant_prologue: bool, split: int = 1, reduce: bool = False
+               ) -> tuple[dict, dict]:
     x = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}[spec.dtype]
     if quant_prologue or spec.family == "per_token_quant":
         strides = ["stride_xm", "stride_xk", "stride_qm", "stride_qk"]
         return {"x_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32", **dict.fromkeys(strides, "i32")}, {}
+    partials = "*i32" if spec.family == "w8a8" else "*fp32"
+    bias = x if spec.has_bias else "constexpr"
+    if reduce:  # {name}_reduce: the partials, the scales its finish reads, bias, y
+        scales = {"w8a8": {"xs_ptr": "*fp32", "ws_ptr": "*fp32"}, "w8a16": {"ws_ptr": "*fp32"}, "w4a16": {}}
+        scale_strides = [] if spec.family == "w4a16" else ["stride_ws"]
+        sig = {"p_ptr": partials, **scales[spec.family], "b_ptr": bias, "y_ptr": x, "M": "i32"}
+        strides = ["stride_pk", "stride_pm", "stride_pn", *scale_strides, "stride_b", "stride_ym", "stride_yn"]
+        sig.update({**dict.fromkeys(strides, "i32"), "BLOCK_M": "constexpr", "SPLIT_K": "constexpr"})
+        constants = {"BLOCK_M": 16, "SPLIT_K": split, **({} if spec.has_bias else {"b_ptr": None})}
+        return sig, {(list(sig).index(k),): v for k, v in constants.items()}
     ptrs = {
         "w8a8": {"xq_ptr": "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32"},
         "w8a16": {"x_ptr": x, "w_ptr": "*i8", "ws_ptr": "*fp32"},
@@ -370,10 +427,10 @@ def _signature(spec: emit.KernelSpec, quant_prologue: bool) -> tuple[dict, dict]
     if spec.family == "w4a16":
         groups = ["stride_sn", "stride_sg", "stride_zn", "stride_zg"]
     strides = ["stride_xm", "stride_xk", "stride_wn", "stride_wk", *groups, "stride_b"]
-    strides += ["stride_ym", "stride_yn"]
-    sig = {**ptrs, "b_ptr": x if spec.has_bias else "constexpr", "y_ptr": x, "M": "i32"}
-    sig.update({**dict.fromkeys(strides, "i32"), "BLOCK_M": "constexpr"})
-    constants = {"BLOCK_M": 16, **({} if spec.has_bias else {"b_ptr": None})}
+    strides += ["stride_ym", "stride_yn", "stride_pk", "stride_pm", "stride_pn"]
+    sig = {**ptrs, "b_ptr": bias, "y_ptr": x, "p_ptr": partials, "M": "i32"}
+    sig.update({**dict.fromkeys(strides, "i32"), "BLOCK_M": "constexpr", "SPLIT_K": "constexpr"})
+    constants = {"BLOCK_M": 16, "SPLIT_K": split, **({} if spec.has_bias else {"b_ptr": None})}
     return sig, {(list(sig).index(k),): v for k, v in constants.items()}
 
 
@@ -408,12 +465,15 @@ def _compile_for_gpus(specs: list) -> None:
         assert spec.tile == tile, (family, dtype, tile)  # each listed tile has blocks of its own
         spec = dataclasses.replace(spec, interpret=False)
         module = emit.load(spec)
-        for name in [spec.name] + ([f"{spec.name}_quant"] if family == "w8a8" else []):
-            sig, constants = _signature(spec, name.endswith("_quant"))
+        launches = [(spec.name, 1)] + ([(f"{spec.name}_quant", 1)] if family == "w8a8" else [])
+        if tile == "decode":  # split-K: both branches of the GEMM, and the reduce kernel
+            launches += [(spec.name, 4), (f"{spec.name}_reduce", 4)]
+        for name, split in launches:
+            sig, constants = _signature(spec, name.endswith("_quant"), split, name.endswith("_reduce"))
             source = ASTSource(getattr(module, name), sig, constexprs=constants)
             for arch in AOT_ARCHS:
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
-                assert compiled.asm["cubin"], (name, arch)
+                assert compiled.asm["cubin"], (name, split, arch)
 
 
 def test_rendered_kernels_compile_for_gpus():

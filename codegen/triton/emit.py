@@ -14,7 +14,9 @@ those kernels' text in `qhl.inspect` through codegen/triton/sources.py.
 
 Rendering bakes K, N, GROUP_SIZE, QMAX, BLOCK_N and BLOCK_K in as constexprs and picks the epilogue
 (bias or not) and the output dtype in code, so the text is exactly what runs. BLOCK_M stays a
-launch-time constexpr: the token count M is only known when the kernel is called.
+launch-time constexpr: the token count M is only known when the kernel is called; so does SPLIT_K
+(codegen/triton/split_k.py). A layer has a second spec for <= DECODE_MAX_M tokens where TILES
+measured better blocks for it (tile="decode", its own kernel, chosen at launch from M).
 
 Rendering is pure string work and imports no triton, so `qhl.inspect` can show kernels on a
 machine without it. `load(spec)` writes the text to the cache dir (Triton's @jit reads a

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qhl.codegen.triton import emit, per_token_quant
+from qhl.codegen.triton import emit, per_token_quant, split_k
 
 __all__ = ["w8a8_linear_triton", "render"]
 
@@ -32,13 +32,13 @@ def {name}(
     ws_ptr,  # *s_w [N] float32
     b_ptr,  # *bias [N] (read only when the epilogue adds one)
     y_ptr,  # *y [M, N], x's dtype (out)
-    M,
+{split_args}    M,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_ws, stride_b,
     stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr,  # chosen at launch from M, the only size not known at codegen
-):
+{split_strides}    BLOCK_M: tl.constexpr,  # chosen at launch from M, the only size not known at codegen
+{split_constexpr}):
     # --- specialisation (baked in by qhl codegen) ---
     K: tl.constexpr = {K}
     N: tl.constexpr = {N}
@@ -53,25 +53,29 @@ def {name}(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # Wq is [N, K]: read it as its transpose [BLOCK_K, BLOCK_N], K contiguous, no copy.
-    xq_ptrs = xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+{loop_start}    # Wq is [N, K]: read it as its transpose [BLOCK_K, BLOCK_N], K contiguous, no copy.
+    xq_ptrs = xq_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k[None, :]) * stride_xk
+    w_ptrs = w_ptr + (k_start + offs_k[:, None]) * stride_wk + offs_n[None, :] * stride_wn
 
     # --- main loop: int8 x int8 -> int32, exact, so the order of the K steps does not matter ---
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_start + K_SPLIT, BLOCK_K):
         a = tl.load(xq_ptrs, mask=mask_m[:, None]{x_kmask}, other=0)
         b = tl.load(w_ptrs, mask=mask_n[None, :]{w_kmask}, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         xq_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
+{finish}
+'''
+
+# Dequantize in the spec's order, (acc * s_x) * s_w, in float32: here with SPLIT_K = 1, else in the
+# _reduce kernel after the exact int32 sum of the partials.
+FINISH = '''\
     # --- epilogue: dequantize in the spec's order, (acc * s_x) * s_w, in float32 ---
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
     ws = tl.load(ws_ptr + offs_n * stride_ws, mask=mask_n, other=0.0)
-    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-{epilogue}
-'''
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]'''
 
 
 def render(spec: emit.KernelSpec) -> str:
@@ -85,20 +89,29 @@ def render(spec: emit.KernelSpec) -> str:
         block_k=spec.block_k,
         x_kmask=emit.k_mask(spec, "offs_k[None, :]"),
         w_kmask=emit.k_mask(spec, "offs_k[:, None]"),
-        epilogue=emit.render_epilogue(spec),
+        split_args=split_k.MAIN_ARGS,
+        split_strides=split_k.MAIN_STRIDES,
+        split_constexpr=split_k.SPLIT_CONSTEXPR,
+        loop_start=split_k.LOOP_START,
+        finish=split_k.render_finish(spec, FINISH),
+    ) + split_k.render_reduce(
+        spec, "tl.int32", "    xs_ptr,  # *s_x [M] float32\n    ws_ptr,  # *s_w [N] float32\n", "    stride_ws,\n", FINISH
     )
 
 
 def w8a8_linear_triton(
     x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-    blocks: Optional[tuple[int, int]] = None,
+    blocks: Optional[tuple[int, int]] = None, split: int = 1,
 ) -> Tensor:
     """y [..., N] = dequant(Q(x) @ Wq.T) (+ b), in x's dtype; see the module docstring.
-    blocks=(BLOCK_N, BLOCK_K) overrides the default tile (for tuning: benchmarks/gpu_speed.py)."""
+    blocks=(BLOCK_N, BLOCK_K) overrides the default tile and split > 1 splits K over that many
+    programs per tile (codegen/triton/split_k.py; bit-identical); both for tuning
+    (benchmarks/gpu_speed.py)."""
     N, K = emit.check_int8_linear("w8a8_linear", x, w_int8, w_scale, bias)
     block_n, block_k = blocks or (None, None)
     spec = emit.make_spec("w8a8", K, N, x.dtype, has_bias=bias is not None, block_n=block_n, block_k=block_k,
                           tile=emit.tile_for(x.numel() // K))
+    split = split_k.check("w8a8_linear", spec, split)
     module = emit.load(spec)
 
     x2 = x.reshape(-1, K)
@@ -109,14 +122,17 @@ def w8a8_linear_triton(
     xq, xs = per_token_quant.launch(getattr(module, f"{spec.name}_quant"), x2)
 
     block_m = emit.block_m_for(M)
-    grid = ((M + block_m - 1) // block_m, (N + spec.block_n - 1) // spec.block_n)
+    grid = ((M + block_m - 1) // block_m, (N + spec.block_n - 1) // spec.block_n, split)
+    p, p_strides = split_k.workspace(split, M, N, torch.int32, y)
     getattr(module, spec.name)[grid](
-        xq, xs, w_int8, w_scale, bias, y,
+        xq, xs, w_int8, w_scale, bias, y, p,
         M,
         xq.stride(0), xq.stride(1),
         w_int8.stride(0), w_int8.stride(1),
         w_scale.stride(0), bias.stride(0) if bias is not None else 0,
         y.stride(0), y.stride(1),
-        BLOCK_M=block_m,
+        *p_strides,
+        BLOCK_M=block_m, SPLIT_K=split,
     )
+    split_k.launch_reduce(module, spec, p, (xs, w_scale), (w_scale.stride(0),), bias, y, M, block_m, split)
     return y.reshape(*x.shape[:-1], N)

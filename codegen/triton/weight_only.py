@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qhl.codegen.triton import emit
+from qhl.codegen.triton import emit, split_k
 from qhl.errors import KernelError
 
 __all__ = ["w8a16_linear_triton", "w4a16_linear_triton", "render"]
@@ -30,14 +30,14 @@ _HEAD = '''
 @triton.jit
 def {name}(
 {args}
-    M,
+{split_args}    M,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
 {strides}
     stride_b,
     stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr,  # chosen at launch from M, the only size not known at codegen
-):
+{split_strides}    BLOCK_M: tl.constexpr,  # chosen at launch from M, the only size not known at codegen
+{split_constexpr}):
     # --- specialisation (baked in by qhl codegen) ---
     K: tl.constexpr = {K}
     N: tl.constexpr = {N}
@@ -52,37 +52,34 @@ def {name}(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+{loop_start}    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k[None, :]) * stride_xk
 '''
 
 W8A16_TEMPLATE = _HEAD + '''\
     # Wq is [N, K]: read it as its transpose [BLOCK_K, BLOCK_N], K contiguous, no copy.
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    w_ptrs = w_ptr + (k_start + offs_k[:, None]) * stride_wk + offs_n[None, :] * stride_wn
 
     # --- main loop: int8 codes are exact in {dot_dtype}, so only the fp32 sums round ---
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_start + K_SPLIT, BLOCK_K):
         x = tl.load(x_ptrs, mask=mask_m[:, None]{x_kmask}, other=0.0)
         w = tl.load(w_ptrs, mask=mask_n[None, :]{w_kmask}, other=0)
         acc = tl.dot(x{x_cast}, w.to({dot_dtype}), acc{precision})
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # --- epilogue: the per-channel scale, once per output ---
-    ws = tl.load(ws_ptr + offs_n * stride_ws, mask=mask_n, other=0.0)
-    y = acc * ws[None, :]
-{epilogue}
+{finish}
 '''
 
 W4A16_TEMPLATE = _HEAD + '''\
     # Two codes per byte along K: code k is in byte k // 2, the low nibble when k is even.
-    w_ptrs = w_ptr + (offs_k[:, None] // 2) * stride_wk + offs_n[None, :] * stride_wn
+    w_ptrs = w_ptr + ((k_start + offs_k[:, None]) // 2) * stride_wk + offs_n[None, :] * stride_wn
     shifts = (offs_k[:, None] % 2) * 4
 
     # --- main loop: one k-block lies in one group (BLOCK_K divides GROUP_SIZE, and K is a
     # multiple of GROUP_SIZE, so there is no K tail); (code - zero) is exact in {dot_dtype} ---
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_start + K_SPLIT, BLOCK_K):
         x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
         packed = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
         codes = (packed.to(tl.int32) >> shifts) & 0xF
@@ -94,10 +91,22 @@ W4A16_TEMPLATE = _HEAD + '''\
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += (BLOCK_K // 2) * stride_wk
 
-    # --- epilogue ---
-    y = acc
-{epilogue}
+{finish}
 '''
+
+# The end of each GEMM (here with SPLIT_K = 1, else in the _reduce kernel after the partials' sum):
+# w8a16 applies the per-channel scale once per output; w4a16's scales were applied per k-block.
+_W8A16_FINISH = '''\
+    # --- epilogue: the per-channel scale, once per output ---
+    ws = tl.load(ws_ptr + offs_n * stride_ws, mask=mask_n, other=0.0)
+    y = acc * ws[None, :]'''
+_W4A16_FINISH = '''\
+    # --- epilogue ---
+    y = acc'''
+_REDUCE_PARAMS = {
+    "w8a16": ("    ws_ptr,  # *s_w [N] float32\n", "    stride_ws,\n", _W8A16_FINISH),
+    "w4a16": ("", "", _W4A16_FINISH),
+}
 
 _W8A16_ARGS = dict(
     args="""\
@@ -143,48 +152,59 @@ def render(spec: emit.KernelSpec) -> str:
         precision=spec.dot_precision,
         x_kmask=emit.k_mask(spec, "offs_k[None, :]"),
         w_kmask=emit.k_mask(spec, "offs_k[:, None]"),
-        epilogue=emit.render_epilogue(spec),
+        split_args=split_k.MAIN_ARGS,
+        split_strides=split_k.MAIN_STRIDES,
+        split_constexpr=split_k.SPLIT_CONSTEXPR,
+        loop_start=split_k.LOOP_START,
+        finish=split_k.render_finish(spec, _REDUCE_PARAMS[spec.family][2]),
         **parts,
-    )
+    ) + split_k.render_reduce(spec, "tl.float32", *_REDUCE_PARAMS[spec.family])
 
 
 def _launch(
-    spec: emit.KernelSpec, x: Tensor, weights: tuple, strides: tuple, bias: Optional[Tensor]
+    spec: emit.KernelSpec, x: Tensor, weights: tuple, strides: tuple, bias: Optional[Tensor], split: int
 ) -> Tensor:
-    """Allocate y and run the rendered kernel over a (M-blocks, N-blocks) grid."""
+    """Allocate y and run the rendered kernel over a (M-blocks, N-blocks, split) grid; with
+    split > 1, then its _reduce kernel (w8a16 passes its scale to it)."""
     K, N = spec.K, spec.N
+    split = split_k.check(f"{spec.family}_linear", spec, split)
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M > 0:
-        kernel = getattr(emit.load(spec), spec.name)
+        module = emit.load(spec)
         block_m = emit.block_m_for(M)
-        grid = ((M + block_m - 1) // block_m, (N + spec.block_n - 1) // spec.block_n)
+        grid = ((M + block_m - 1) // block_m, (N + spec.block_n - 1) // spec.block_n, split)
         w = weights[0]
-        kernel[grid](
-            x2, *weights, bias, y,
+        p, p_strides = split_k.workspace(split, M, N, torch.float32, y)
+        getattr(module, spec.name)[grid](
+            x2, *weights, bias, y, p,
             M,
             x2.stride(0), x2.stride(1),
             w.stride(0), w.stride(1),
             *strides,
             bias.stride(0) if bias is not None else 0,
             y.stride(0), y.stride(1),
-            BLOCK_M=block_m,
+            *p_strides,
+            BLOCK_M=block_m, SPLIT_K=split,
         )
+        scales = ((weights[1],), strides[:1]) if spec.family == "w8a16" else ((), ())
+        split_k.launch_reduce(module, spec, p, *scales, bias, y, M, block_m, split)
     return y.reshape(*x.shape[:-1], N)
 
 
 def w8a16_linear_triton(
     x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-    blocks: Optional[tuple[int, int]] = None,
+    blocks: Optional[tuple[int, int]] = None, split: int = 1,
 ) -> Tensor:
     """y [..., N] = (x @ Wq.T) * s_w (+ b) in x's dtype; see the module docstring.
-    blocks=(BLOCK_N, BLOCK_K) overrides the default tile (for tuning: benchmarks/gpu_speed.py)."""
+    blocks=(BLOCK_N, BLOCK_K) overrides the default tile and split > 1 splits K over that many
+    programs per tile (codegen/triton/split_k.py); both for tuning (benchmarks/gpu_speed.py)."""
     N, K = emit.check_int8_linear("w8a16_linear", x, w_int8, w_scale, bias)
     block_n, block_k = blocks or (None, None)
     spec = emit.make_spec("w8a16", K, N, x.dtype, has_bias=bias is not None, block_n=block_n, block_k=block_k,
                           tile=emit.tile_for(x.numel() // K))
-    return _launch(spec, x, (w_int8, w_scale), (w_scale.stride(0),), bias)
+    return _launch(spec, x, (w_int8, w_scale), (w_scale.stride(0),), bias, split)
 
 
 def w4a16_linear_triton(
@@ -194,10 +214,11 @@ def w4a16_linear_triton(
     zero: Tensor,
     group_size: int,
     bias: Optional[Tensor] = None,
-    blocks: Optional[tuple[int, int]] = None,
+    blocks: Optional[tuple[int, int]] = None, split: int = 1,
 ) -> Tensor:
     """y [..., N] = x @ ((C - z) * s).T (+ b) in x's dtype; see the module docstring.
-    blocks=(BLOCK_N, BLOCK_K) overrides the default tile (for tuning: benchmarks/gpu_speed.py)."""
+    blocks=(BLOCK_N, BLOCK_K) overrides the default tile and split > 1 splits K over that many
+    programs per tile (codegen/triton/split_k.py); both for tuning (benchmarks/gpu_speed.py)."""
     op = "w4a16_linear"
     emit.check_tensor(op, "packed", packed, (torch.uint8,))
     if packed.dim() != 2 or 0 in packed.shape:
@@ -218,4 +239,4 @@ def w4a16_linear_triton(
     spec = emit.make_spec("w4a16", K, N, x.dtype, has_bias=bias is not None, group_size=group_size,
                           block_n=block_n, block_k=block_k, tile=emit.tile_for(x.numel() // K))
     strides = (scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1))
-    return _launch(spec, x, (packed, scale, zero), strides, bias)
+    return _launch(spec, x, (packed, scale, zero), strides, bias, split)
