@@ -3,9 +3,9 @@
     y[..., N] = (x @ Wq.T) * s_w (+ b)         x [..., K] float, Wq [N, K] int8, s_w [N]
 
 Applying s_w after the product is the same math as x @ (Wq * s_w).T and saves a pass over W.
-Faces: spec (CPU, here: Wq converted to float32 one cache-sized tile of rows at a time; at 1
-token, w8a16_linear_decomposed is the GEMV Inductor's CPU codegen lowers it to, and on a CPU with
-AVX2 alone the spec runs cpu_fused.int8_gemv_bits, a GEMV over W's bytes read as int32 lanes:
+Faces: spec (CPU, here: Wq converted to float32 one cache-sized tile of rows at a time; at a
+static 1 token (1-16 without AMX) w8a16_linear_decomposed is the GEMV Inductor's CPU codegen
+lowers it to, and on a CPU with AVX2 alone the spec runs cpu_fused.int8_gemv_bits, a GEMV over W's bytes read as int32 lanes:
 1.1 ms a 4096 x 4096 layer against float32's 3.1, AMD EPYC, 2 threads; under torch.compile the
 decomposition puts that GEMV in Inductor's graph at 1-4 tokens), fake, kernel
 (codegen/triton/weight_only.py, CUDA), grad (dx through the dequantized weight; weight frozen),
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from qhl.codegen import cpu_fused, cpu_onednn, quant
 
-__all__ = ["w8a16_linear", "w8a16_linear_spec", "w8a16_linear_decomposed"]
+__all__ = ["w8a16_linear", "w8a16_linear_spec", "w8a16_linear_decomposed", "gemv_max_tokens"]
 
 
 # CPU: dequantize the weight a tile of rows at a time into a reused float32 buffer that stays in
@@ -65,16 +65,35 @@ def w8a16_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+# Token counts up to which the GEMV form below (W read as int8 inside the reduction) beats the CPU
+# face's dequantize-a-tile-then-GEMM, on a CPU with a fast int8 GEMM. With AMX: 1 (the AMX Xeon,
+# one layer in cache, before x was realized: at 2 tokens it no longer beat float32; not re-measured
+# since). Without AMX (AVX-512 VNNI, Zen 5 EPYC, 2 threads), qhl w8a16 on 4 x Linear(4096) under
+# torch.compile, in one run each (medians of 21 round-robin calls), eager float32 12-28 ms:
+#   tokens           1     2     4     6     8     16
+#   face / old GEMV  4.0*  11.3  15.5  37.2  38.7  43.5 ms   (* the GEMV with x inlined)
+#   this GEMV        2.0   2.7   4.9   7.9   10.1  18.7 ms
+# (results/speed_cpu_quick_zen5_w8a16_gemv.md has the stack at 1 and 4 tokens.)
+GEMV_MAX_TOKENS_AMX = 1
+GEMV_MAX_TOKENS = 16
+
+
+def gemv_max_tokens() -> int:
+    """The largest static token count the decomposition lowers to its GEMV on this CPU (fast
+    int8 GEMM; with AVX2 alone the bit-mask GEMV's cpu_fused.BITS_GEMV_MAX_TOKENS applies)."""
+    return GEMV_MAX_TOKENS_AMX if cpu_onednn.cpu_has_amx() else GEMV_MAX_TOKENS
+
+
 def w8a16_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]):
     """The spec in aten ops for Inductor's CPU codegen (runtime/inductor_cpu.py), at a static
     token count the GEMV formulations win at; other token counts (and dynamic ones) decline with
     NotImplemented and keep the CPU face.
 
-    With a fast int8 GEMM (AVX-512/VNNI/AMX), 1 token: a GEMV whose int8 -> float32 conversion
-    happens inside the reduction loop, so W is read once, as int8 (the CPU face writes and re-reads
-    float32 tiles of it). Measured on one 4096 x 4096 layer with its weights in cache (AMX Xeon, 2
-    threads): 0.74 ms against the CPU face's 2.34 and float32's 1.19; at 2 tokens it no longer
-    beats float32.
+    With a fast int8 GEMM (AVX-512/VNNI/AMX), 1 to gemv_max_tokens() tokens: a GEMV whose int8 ->
+    float32 conversion happens inside the reduction loop, so W is read as int8 (the CPU face writes
+    and re-reads float32 tiles of it). Measured on one 4096 x 4096 layer with its weights in cache
+    (AMX Xeon, 2 threads): 0.74 ms against the CPU face's 2.34 and float32's 1.19 at 1 token; at 2
+    tokens it no longer beat float32 there. Without AMX, up to 16 tokens (GEMV_MAX_TOKENS).
     With AVX2 alone, 1-4 tokens: the bit-mask GEMV (cpu_fused.int8_bits_dot_graph; there the plain
     GEMV's int8 loads are slow, 11.9 ms a 4096 x 4096 layer against float32's 3.1)."""
     n, k = w_int8.shape
@@ -89,10 +108,10 @@ def w8a16_linear_decomposed(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Op
         if acc is None:
             return NotImplemented
         y = acc * w_scale.float()
-    elif m != 1:
+    elif not 1 <= m <= gemv_max_tokens():
         return NotImplemented
-    else:
-        y = (x2.float()[:, None, :] * w_int8.float()).sum(-1) * w_scale
+    else:  # x realized: not the previous layer's epilogue recomputed per output row
+        y = (cpu_fused.realized(x2.float())[:, None, :] * w_int8.float()).sum(-1) * w_scale
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
