@@ -399,7 +399,7 @@ def _viewable(w: Tensor) -> bool:
 
 def int4_gemv(x2: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
     """y [M, N] float32 = x2 @ ((codes - zero) * scale)^T per group, from unpacked uint8 codes [N, K]
-    (w4a16 at 1-4 tokens: codegen/w4a16.py). The token count is dynamic too (above 1: a size-1 dim
-    is specialised), so 2-4 tokens share one graph per K and group."""
+    (w4a16 at 1-8 tokens: codegen/w4a16.py). The token count is dynamic too (above 1: a size-1 dim
+    is specialised), so 2-8 tokens share one graph per K and group."""
     _mark_outer_dynamic((x2, (0,)), (codes, (0,)), (scale, (0,)), (zero, (0,)))
     return _call("int4_gemv", x2, codes, scale, zero, group_size)

@@ -4,7 +4,7 @@
     y[..., N] = x @ W.T (+ b)
 
 x [..., K] float; packed uint8 [N, K/2]; scale float32 [N, K/g]; zero uint8 [N, K/g] (8 when
-symmetric). Faces: spec (CPU, here: dequantized one cache-sized tile of rows at a time, or at 1-4
+symmetric). Faces: spec (CPU, here: dequantized one cache-sized tile of rows at a time, or at 1-8
 tokens an Inductor GEMV, over cached unpacked codes or, with AVX2 alone, over the packed codes; see
 below and benchmarks/cpu_spec_notes.md; with AVX2 alone, w4a16_linear_decomposed puts that GEMV
 in Inductor's whole graph at 1-4 tokens under torch.compile),
@@ -48,7 +48,7 @@ def _tile_rows(m: int, n: int, k: int) -> int:
     return min(n, max(16, (tile_bytes // (4 * k)) // 16 * 16))
 
 
-# 1-4 tokens on CPU (decode): a GEMV over the unpacked codes, compiled by Inductor
+# 1-8 tokens on CPU (decode): a GEMV over the unpacked codes, compiled by Inductor
 # (codegen/cpu_fused.py), with (c - z) * s formed inside the reduction. The codes are unpacked
 # once per packed weight and kept beside it (runtime/packed.py DerivedCache: dropped when the
 # packed tensor changes), so a w4a16 layer holds 1.5 bytes per weight at run time on CPU; the
@@ -60,11 +60,12 @@ def _tile_rows(m: int, n: int, k: int) -> int:
 # uint8 codes are slow (that GEMV measured 14.3 ms against the tiled path's 7.6 and float32's 3.9,
 # AMD EPYC, 2 threads): there the GEMV is cpu_fused.int4_gemv_bits, which reads the packed weight
 # itself as int32 lanes of 8 codes and caches nothing; a group size under 64 keeps the tiled path.
-# The same GEMV serves 2-4 tokens (a small decode batch): 4 x 4096^2 layers, g128, Zen 5 EPYC with
-# AVX-512 VNNI, 2 threads, medians of 15 round-robin calls: 3.9 / 6.8 / 6.8 ms at 2 / 3 / 4 tokens
-# against the tiled path's 16-38 ms and eager float32's 22-34 ms (it was 1 token only before).
+# The same GEMV serves up to 8 tokens (a small decode batch; it was 1 token only before): 4 x 4096^2
+# layers, g128, Zen 5 EPYC with AVX-512 VNNI, 2 threads, medians of 15 round-robin calls: 3.9 / 6.4
+# / 11.7 ms at 2 / 4 / 8 tokens against the tiled path's 16 / 33 / 19 ms (the 8-token figure with
+# the tiled path's row-major output, below) and eager float32's 19-23 ms; at 16 the two tie (22 ms).
 CPU_GEMV_CACHE = True
-GEMV_MAX_TOKENS = 4  # at most cpu_fused.BITS_GEMV_MAX_TOKENS
+GEMV_MAX_TOKENS = 8
 _unpacked = DerivedCache(lambda packed: quant.unpack_int4(packed).contiguous())
 # whether every zero point is 8 (symmetric weights), once per zero-point buffer
 _all_eight = DerivedCache(lambda zero: bool((zero == 8).all()))
@@ -94,11 +95,11 @@ def w4a16_linear_spec(
     x2 = x.reshape(-1, k).float()
     m = x2.shape[0]
     y = None
-    if m <= cpu_fused.BITS_GEMV_MAX_TOKENS and cpu_fused.enabled():
+    if cpu_fused.enabled():
         if cpu_onednn.int8_gemm_is_fast():
             if m <= GEMV_MAX_TOKENS and CPU_GEMV_CACHE:
                 y = cpu_fused.int4_gemv(x2, _unpacked(packed), _float32(scale), zero, g)
-        else:  # AVX2 alone: straight from the packed codes (None where the group is under 64)
+        elif m <= cpu_fused.BITS_GEMV_MAX_TOKENS:  # AVX2 alone: from the packed codes (None: group < 64)
             y = cpu_fused.int4_gemv_bits(x2, packed, _float32(scale), zero, g, _all_eight(zero))
     if y is not None:
         if bias is not None:
@@ -112,7 +113,7 @@ def w4a16_linear_spec(
     symmetric = _all_eight(zero)
     zero_i8 = zero.view(torch.int8) if (not symmetric and gh >= 64) else None
     zf = zero.float() if (not symmetric and zero_i8 is None) else None
-    y = torch.empty(m, n)
+    yt = torch.empty(n, m)  # y^T: whole rows per tile (a GEMM into y's column slices is slower: w8a16.py)
     rows = _tile_rows(m, n, k)
     codes = quant._scratch("w4a16.c", (rows, 2, kh), torch.uint8)
     tile = quant._scratch("w4a16.w", (rows, 2, ng, gh), torch.float32)
@@ -131,7 +132,8 @@ def w4a16_linear_spec(
         else:
             t.copy_(c.view(r, 2, ng, gh)).sub_(zf[n0 : n0 + r].view(r, 1, ng, 1))
         t.mul_(sf[n0 : n0 + r].view(r, 1, ng, 1))  # (c - z) * s: the spec's float32 weight
-        torch.mm(xp, t.view(r, k).t(), out=y[:, n0 : n0 + r])
+        torch.mm(t.view(r, k), xp.t(), out=yt[n0 : n0 + r])
+    y = yt.t().contiguous()
     if bias is not None:
         y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

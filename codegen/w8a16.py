@@ -51,17 +51,21 @@ def w8a16_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional
             if bias is not None:
                 y = y + bias.float()
             return y.to(x.dtype).reshape(*x.shape[:-1], n)
-    y = torch.empty(m, n)
+    # y^T [N, M]: each tile's product fills whole rows. A GEMM into a column slice of y [M, N]
+    # (out=y[:, n0:n0 + r]) ran 1.5-2x slower and erratically (4 x 4096^2 layers, Zen 5: 45 against
+    # 23 ms at 17 tokens, 57 against 26 at 32; eager float32 30 and 41); the sums are the same.
+    yt = torch.empty(n, m)
     rows = _tile_rows(m, n, k)
     tile = quant._scratch("w8a16.w", (rows, k), torch.float32)
     for n0 in range(0, n, rows):
         r = min(rows, n - n0)
         t = tile[:r].copy_(w_int8[n0 : n0 + r])  # int8 -> float32, exact
-        torch.mm(x2, t.t(), out=y[:, n0 : n0 + r])
+        torch.mm(t, x2.t(), out=yt[n0 : n0 + r])
+    y = torch.empty(m, n)
     if bias is not None:
-        y = torch.addcmul(bias.float(), y, ws, out=y)
+        torch.addcmul(bias.float(), yt.t(), ws, out=y)
     else:
-        y.mul_(ws)
+        torch.mul(yt.t(), ws, out=y)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

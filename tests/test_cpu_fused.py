@@ -728,11 +728,10 @@ def test_cached_code_gemv_compiles_once_per_k_and_group(int8_gemm):
 
 
 
-def test_cached_code_gemv_serves_one_to_four_tokens(monkeypatch, int8_gemm):
-    """With a fast int8 GEMM, w4a16 at 1 to GEMV_MAX_TOKENS (4) tokens runs the cached-code GEMV
-    (a small decode batch: 5-9x faster than the tiled path on 4 x 4096^2 layers), and the tiled
-    path above. 2-4 tokens share one compiled graph (the token count is dynamic above 1). Every
-    result is the fake-quant reference's."""
+def test_cached_code_gemv_serves_few_tokens(monkeypatch, int8_gemm):
+    """With a fast int8 GEMM, w4a16 at 1 to GEMV_MAX_TOKENS (8) tokens runs the cached-code GEMV
+    (a small decode batch), and the tiled path above. 2-8 tokens share one compiled graph (the
+    token count is dynamic above 1). Every result is the fake-quant reference's."""
     from torch._dynamo.utils import counters
 
     from qhl.codegen import w4a16
@@ -745,12 +744,12 @@ def test_cached_code_gemv_serves_one_to_four_tokens(monkeypatch, int8_gemm):
     counters.clear()
     w, b = torch.randn(24, 256), torch.randn(24)
     packed, scale, zero = quant.quantize_int4_groupwise(w, 64, False)
-    for tokens in (1, 2, 3, 4, w4a16.GEMV_MAX_TOKENS + 1):
+    for tokens in (1, 2, 3, w4a16.GEMV_MAX_TOKENS, w4a16.GEMV_MAX_TOKENS + 1):
         x = torch.randn(tokens, 256)
         out = w4a16.w4a16_linear(x, packed, scale, zero, 64, b)
         assert _rel_err(out, quant.fake_quant_w4a16_linear(x, w, b, 64, False, "none")) < 1e-6
-    assert calls == [1, 2, 3, 4]
-    assert counters["stats"]["unique_graphs"] == 2  # 1 token, and 2-4 tokens
+    assert calls == [1, 2, 3, w4a16.GEMV_MAX_TOKENS]
+    assert counters["stats"]["unique_graphs"] == 2  # 1 token, and 2 to GEMV_MAX_TOKENS tokens
 
 
 def test_w8a16_gemv_reads_a_realized_activation(int8_gemm):

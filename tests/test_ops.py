@@ -340,3 +340,20 @@ def test_int4_grid_is_plain_rounding_for_asymmetric_groups_and_refused_per_chann
         with pytest.raises(qhl.RecipeError, match="per-channel int4 takes 'mse' or 'none'"):
             qhl.recipe("w4a8", weight_clip=clip)
     assert qhl.recipe("w4a16").weight_clip == "grid"
+
+
+@pytest.mark.parametrize("form", ["w8a16", "w4a16"])
+def test_tiled_cpu_faces_over_several_tiles_match_fake_quant(form):
+    """The weight-only CPU faces above their GEMV's token counts dequantize W a tile of rows at a
+    time (256 rows of K = 4096 here) and write y^T tile by tile: N = 600 is two full tiles and a
+    partial one. The result is row-major [M, N] and the fake-quant reference's."""
+    w, x, b = torch.randn(600, 4096), torch.randn(20, 4096), torch.randn(600)
+    if form == "w8a16":
+        wq, ws = quant.quantize_int8_per_channel(w)
+        out, ref = qops.w8a16_linear(x, wq, ws, b), quant.fake_quant_w8a16_linear(x, w, b)
+    else:
+        packed, scale, zero = quant.quantize_int4_groupwise(w, 128, False)
+        out = qops.w4a16_linear(x, packed, scale, zero, 128, b)
+        ref = quant.fake_quant_w4a16_linear(x, w, b, 128, False, "none")
+    assert out.shape == (20, 600) and out.is_contiguous()
+    assert _rel_err(out, ref) < 1e-5
