@@ -5,6 +5,9 @@ For a machine where the peers cannot be run in reasonable time (torchao's int8 G
 slower than float32 on a CPU with AVX2 alone). Writes results/fidelity_qhl<tag>.{json,md}.
 
     python benchmarks/fidelity_qhl_only.py --recipes w8a8 w8a16 --tag _avx2
+    python benchmarks/fidelity_qhl_only.py --recipes w8a16 'w8a16:skip=["*embed*"]'   # lm_head too
+
+A recipe may carry knobs as in decode.py (`name:knob=value,...`, values as JSON).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 
 import qhl
 from bench_env import machine
+from decode import parse_recipe
 from fidelity import RESULTS, lm_logits
 from qhl.metrics import perplexity, sqnr_db
 from qhl.models import load_smollm2, news_corpus_tokens
@@ -38,7 +42,8 @@ def main() -> None:
     for name in args.recipes:
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        logits = lm_logits(torch.compile(model, backend=qhl.backend(name)), tokens, 1)
+        preset, knobs = parse_recipe(name)
+        logits = lm_logits(torch.compile(model, backend=qhl.backend(preset, **knobs)), tokens, 1)
         rows.append(dict(recipe=name, sqnr_db=sqnr_db(ref, logits), ppl=perplexity(logits, tokens),
                          seconds=time.perf_counter() - t0))
         log.info("%s: SQNR %.2f dB, ppl %.3f", name, rows[-1]["sqnr_db"], rows[-1]["ppl"])
