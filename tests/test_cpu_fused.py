@@ -768,3 +768,25 @@ def test_w8a16_gemv_reads_a_realized_activation(int8_gemm):
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     assert "prims.inductor_force_stride_order.default" in targets, targets
     assert _rel_err(gm(x), quant.fake_quant_w8a16_linear(x, w, b)) < 1e-6
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_w4a16_bits_gemv_is_lowered_with_a_fast_int8_gemm_unless_amx(amx, monkeypatch, int8_gemm):
+    """With a fast int8 GEMM and no AMX, w4a16 at 1-4 tokens is the bit-mask GEMV inside Inductor's
+    graph (no qhl::w4a16_linear call left; faster than the face's cached-code GEMV and without its
+    unpacked codes); with AMX it stays a call to the face. Both equal the op-by-op graph."""
+    from torch._inductor.utils import run_and_get_code
+
+    int8_gemm("int8")
+    monkeypatch.setattr(cpu_onednn, "cpu_has_amx", lambda: amx)
+    model, x = _stack(256, 2), torch.randn(3, 256)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = torch.compile(model, backend=qhl.backend("w4a16", group_size=64, cpu_codegen="spec"), dynamic=False)(x)
+    torch._dynamo.reset()
+    be = qhl.backend("w4a16", group_size=64)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
+    calls = "\n".join(codes).count("torch.ops.qhl.w4a16_linear.default(")
+    assert calls == (2 if amx else 0)
+    assert _rel_err(out, ref) < 1e-5
