@@ -139,6 +139,11 @@ def w4a16_linear_spec(
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+# The smallest group the in-graph bit-mask GEMV takes where the CPU has a fast int8 GEMM (with
+# AVX2 alone it takes 64: cpu_fused.bits_gemv_decline): see w4a16_linear_decomposed.
+FAST_INT8_BITS_MIN_GROUP = 128
+
+
 def w4a16_linear_decomposed(
     x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Optional[Tensor]
 ):
@@ -147,17 +152,24 @@ def w4a16_linear_decomposed(
     (cpu_fused.int4_bits_dot_graph; the CPU face's GEMV on AVX2, less its per-call overhead). It
     reads the zero points even for symmetric weights: the values are not known while the graph is
     traced. Everything else declines with NotImplemented and keeps the CPU face: other token
-    counts, group sizes under 64, and CPUs with AMX (there the face's GEMV over codes cached per
-    weight was measured; this one was not).
+    counts, group sizes under 64 (under FAST_INT8_BITS_MIN_GROUP where the CPU has a fast int8
+    GEMM), and CPUs with AMX (there the face's GEMV over codes cached per weight was measured;
+    this one was not).
 
-    With AVX-512 VNNI too (Zen 5 EPYC, 2 threads, 4 x 4096^2 layers, g128, in one run against the
-    face's cached-code GEMV): 1.62 against 2.25 ms at 1 token, 3.29 against 4.56 at 2, 5.81 against
-    7.31 at 4, and no unpacked copy of the codes (0.5 bytes per weight instead of 1.5)."""
+    With AVX-512 VNNI too (Zen 5 EPYC, 2 threads), against the face's cached-code GEMV in one run:
+    with g128 it wins at every shape measured. On 4 x 4096^2 layers it took 1.62 against 2.25 ms
+    at 1 token, 3.29 against 4.56 at 2 and 5.81 against 7.31 at 4. On one layer at 1 token it took
+    0.06 against 0.11 ms at 1536 x 576, 0.12 against 0.17 at 2048^2 and 0.37 against 0.46 at
+    4096^2. It also keeps no unpacked copy of the codes (0.5 bytes per weight instead of 1.5).
+    With g64 its 8-lane groups lose: 3.2 against 0.57 ms at 4096^2, 0.20 against 0.12 at
+    576 x 1536 (SmolLM2's decode step went from 23.4 to 36.2 ms)."""
     n, kh = packed.shape
     k = kh * 2
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if x.device.type != "cpu" or cpu_onednn.cpu_has_amx() or not isinstance(m, int):
+        return NotImplemented
+    if cpu_onednn.int8_gemm_is_fast() and group_size < FAST_INT8_BITS_MIN_GROUP:
         return NotImplemented
     if not 1 <= m <= cpu_fused.BITS_GEMV_MAX_TOKENS or packed.dtype != torch.uint8 or zero.dtype != torch.uint8:
         return NotImplemented

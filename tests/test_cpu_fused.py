@@ -770,11 +770,13 @@ def test_w8a16_gemv_reads_a_realized_activation(int8_gemm):
     assert _rel_err(gm(x), quant.fake_quant_w8a16_linear(x, w, b)) < 1e-6
 
 
-@pytest.mark.parametrize("amx", [False, True])
-def test_w4a16_bits_gemv_is_lowered_with_a_fast_int8_gemm_unless_amx(amx, monkeypatch, int8_gemm):
-    """With a fast int8 GEMM and no AMX, w4a16 at 1-4 tokens is the bit-mask GEMV inside Inductor's
-    graph (no qhl::w4a16_linear call left; faster than the face's cached-code GEMV and without its
-    unpacked codes); with AMX it stays a call to the face. Both equal the op-by-op graph."""
+@pytest.mark.parametrize("amx, group", [(False, 128), (True, 128), (False, 64)])
+def test_w4a16_bits_gemv_is_lowered_with_a_fast_int8_gemm_for_large_groups(amx, group, monkeypatch, int8_gemm):
+    """With a fast int8 GEMM and no AMX, w4a16 g128 at 1-4 tokens is the bit-mask GEMV inside
+    Inductor's graph (no qhl::w4a16_linear call left; faster than the face's cached-code GEMV and
+    without its unpacked codes). With AMX, or with g64 (whose 8-lane groups measured slower there),
+    it stays a call to the face. All equal the op-by-op graph."""
+    from qhl.codegen import w4a16
     from torch._inductor.utils import run_and_get_code
 
     int8_gemm("int8")
@@ -782,11 +784,12 @@ def test_w4a16_bits_gemv_is_lowered_with_a_fast_int8_gemm_unless_amx(amx, monkey
     model, x = _stack(256, 2), torch.randn(3, 256)
     torch._dynamo.reset()
     with torch.no_grad():
-        ref = torch.compile(model, backend=qhl.backend("w4a16", group_size=64, cpu_codegen="spec"), dynamic=False)(x)
+        ref = torch.compile(model, backend=qhl.backend("w4a16", group_size=group, cpu_codegen="spec"), dynamic=False)(x)
     torch._dynamo.reset()
-    be = qhl.backend("w4a16", group_size=64)
+    be = qhl.backend("w4a16", group_size=group)
     with torch.no_grad():
         out, codes = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
     calls = "\n".join(codes).count("torch.ops.qhl.w4a16_linear.default(")
-    assert calls == (2 if amx else 0)
+    lowered = not amx and group >= w4a16.FAST_INT8_BITS_MIN_GROUP
+    assert calls == (0 if lowered else 2)
     assert _rel_err(out, ref) < 1e-5
