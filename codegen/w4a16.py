@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from qhl.codegen import cpu_fused, cpu_onednn, quant
+from qhl.codegen.w8a16 import ROW_TILES_MAX_TOKENS
 from qhl.runtime.packed import DerivedCache
 
 __all__ = ["w4a16_linear", "w4a16_linear_spec", "w4a16_linear_decomposed"]
@@ -113,7 +114,8 @@ def w4a16_linear_spec(
     symmetric = _all_eight(zero)
     zero_i8 = zero.view(torch.int8) if (not symmetric and gh >= 64) else None
     zf = zero.float() if (not symmetric and zero_i8 is None) else None
-    yt = torch.empty(n, m)  # y^T: whole rows per tile (a GEMM into y's column slices is slower: w8a16.py)
+    transposed = m <= ROW_TILES_MAX_TOKENS  # y^T's rows per tile, or y's column slices (w8a16.py)
+    acc = torch.empty(n, m) if transposed else torch.empty(m, n)
     rows = _tile_rows(m, n, k)
     codes = quant._scratch("w4a16.c", (rows, 2, kh), torch.uint8)
     tile = quant._scratch("w4a16.w", (rows, 2, ng, gh), torch.float32)
@@ -132,8 +134,11 @@ def w4a16_linear_spec(
         else:
             t.copy_(c.view(r, 2, ng, gh)).sub_(zf[n0 : n0 + r].view(r, 1, ng, 1))
         t.mul_(sf[n0 : n0 + r].view(r, 1, ng, 1))  # (c - z) * s: the spec's float32 weight
-        torch.mm(t.view(r, k), xp.t(), out=yt[n0 : n0 + r])
-    y = yt.t().contiguous()
+        if transposed:
+            torch.mm(t.view(r, k), xp.t(), out=acc[n0 : n0 + r])
+        else:
+            torch.mm(xp, t.view(r, k).t(), out=acc[:, n0 : n0 + r])
+    y = acc.t().contiguous() if transposed else acc
     if bias is not None:
         y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
