@@ -793,3 +793,26 @@ def test_w4a16_bits_gemv_is_lowered_with_a_fast_int8_gemm_for_large_groups(amx, 
     lowered = not amx and group >= w4a16.FAST_INT8_BITS_MIN_GROUP
     assert calls == (0 if lowered else 2)
     assert _rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("recipe", ["w4a8", "hadamard-w4a8"])
+@pytest.mark.parametrize("amx", [False, True])
+def test_w4ax_bits_gemv_is_lowered_with_a_fast_int8_gemm_unless_amx(recipe, amx, monkeypatch, int8_gemm):
+    """With a fast int8 GEMM and no AMX, w4a8 at 1-4 tokens is the bit-mask GEMV inside Inductor's
+    graph, as with AVX2 alone (no qhl::w4a8_linear call left; bit-identical to the face's int8 GEMV
+    on cached codes and faster); with AMX it stays a call to the face."""
+    from torch._inductor.utils import run_and_get_code
+
+    int8_gemm("int8")
+    monkeypatch.setattr(cpu_onednn, "cpu_has_amx", lambda: amx)
+    model, x = _stack(256, 2), torch.randn(3, 256)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = torch.compile(model, backend=qhl.backend(recipe, cpu_codegen="spec"), dynamic=False)(x)
+    torch._dynamo.reset()
+    be = qhl.backend(recipe)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
+    calls = "\n".join(codes).count("torch.ops.qhl.w4a8_linear.default(")
+    assert calls == (2 if amx else 0)
+    assert _rel_err(out, ref) < 1e-5
