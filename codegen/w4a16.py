@@ -4,10 +4,11 @@
     y[..., N] = x @ W.T (+ b)
 
 x [..., K] float; packed uint8 [N, K/2]; scale float32 [N, K/g]; zero uint8 [N, K/g] (8 when
-symmetric). Faces: spec (CPU, here: dequantized one cache-sized tile of rows at a time, or at 1-8
-tokens an Inductor GEMV, over cached unpacked codes or, with AVX2 alone, over the packed codes; see
-below and benchmarks/cpu_spec_notes.md; with AVX2 alone, w4a16_linear_decomposed puts that GEMV
-in Inductor's whole graph at 1-4 tokens under torch.compile),
+symmetric). Faces: spec (CPU, here: dequantized one cache-sized tile of rows at a time, or at few
+tokens an Inductor GEMV, over cached unpacked codes (1-8 tokens) or, with AVX2 alone, over the
+packed codes (1-4); see below and benchmarks/cpu_spec_notes.md. Under torch.compile,
+w4a16_linear_decomposed puts the packed-code GEMV in Inductor's whole graph at 1-4 tokens on a
+CPU without AMX: with AVX2 alone for groups of 64 or more, with a fast int8 GEMM for 128 or more),
 fake, kernel (codegen/triton/weight_only.py, CUDA: a dequantizing GEMM), grad (dx through the
 dequantized weight; weight frozen), onnx (codegen/onnx/w4a16.py: blocked uint4
 DequantizeLinear + MatMul).
