@@ -257,6 +257,12 @@ def part_c(args: argparse.Namespace, device: str, dtype: torch.dtype, res: dict[
         log.info("(c) %d tokens: %d splits so far", m, len(rows))
 
 
+def _ms_and_err(row: dict[str, Any], err_key: str) -> str:
+    """A sweep row's last two cells: its time, or why it did not run, and its error."""
+    ms = row["error"][:60] if "error" in row else _f(row.get("ms"), "{:.4f}")
+    return f"{ms} | {_f(row.get(err_key), '{:.1e}')} |"
+
+
 def markdown(res: dict[str, Any]) -> str:
     m, a = res["machine"], res["args"]
     lines = [f"# qhl on a GPU: {m.get('gpu', 'no GPU')}", "",
@@ -285,17 +291,13 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("b"):
         lines += ["", "## (b) weight-only kernel block sizes, one layer (ms; * = qhl's default)", "",
                   "| tokens | family | BLOCK_N | BLOCK_K | ms | rel. err vs default |", "|---:|---|---:|---:|---:|---:|"]
-        for r in res["b"]:
-            ms = _f(r.get("ms"), "{:.4f}") if "error" not in r else r["error"][:60]
-            lines.append(f"| {r['tokens']} | {r['family']} | {r['block_n']} | {r['block_k']}"
-                         f"{' *' if r['default'] else ''} | {ms} | {_f(r.get('rel_err_vs_default'), '{:.1e}')} |")
+        lines += [f"| {r['tokens']} | {r['family']} | {r['block_n']} | {r['block_k']}{' *' if r['default'] else ''} | "
+                  + _ms_and_err(r, "rel_err_vs_default") for r in res["b"]]
     if res.get("c"):
         lines += ["", "## (c) split-K at decode, one layer, each family on its decode tile (ms)", "",
                   "| tokens | family | tile | SPLIT_K | ms | rel. err vs SPLIT_K = 1 |", "|---:|---|---|---:|---:|---:|"]
-        for r in res["c"]:
-            ms = _f(r.get("ms"), "{:.4f}") if "error" not in r else r["error"][:60]
-            lines.append(f"| {r['tokens']} | {r['family']} | {r['block_n']} x {r['block_k']} | {r['split']} | {ms} | "
-                         f"{_f(r.get('rel_err_vs_unsplit'), '{:.1e}')} |")
+        lines += [f"| {r['tokens']} | {r['family']} | {r['block_n']} x {r['block_k']} | {r['split']} | "
+                  + _ms_and_err(r, "rel_err_vs_unsplit") for r in res["c"]]
     lines.append("")
     return "\n".join(lines)
 

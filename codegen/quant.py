@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -378,3 +379,31 @@ def _per_token_scale(xf: Tensor) -> Tensor:
     else:
         amax = xf.abs().amax(dim=-1, keepdim=True)
     return _safe_scale(amax, INT8_QMAX)
+
+
+# Up to this many tokens tiled_mm fills whole rows of y^T [N, M] (torch.mm(tile, x^T)); above, column
+# slices of y [M, N] (torch.mm(x, tile^T, out=y[:, n0:n0 + r])). Zen 5 EPYC, 2 threads, w8a16's
+# face, column slices against rows: 4 x 4096^2 layers at 17 / 32 / 48 tokens 45 / 57 / 71 against
+# 23 / 26 / 36 ms (eager float32 30 / 41 / 53), erratic from run to run; at 256 a tie (161 / 158).
+# SmolLM2's 576 x 49152 LM head at 512 tokens: 184 against 281 ms (transposing a 100 MB y^T back
+# costs more than the slices); its 576-wide layers at 128-512 tokens: rows 3-16% slower.
+ROW_TILES_MAX_TOKENS = 64
+
+
+def tiled_mm(x2: Tensor, n: int, rows: int, weight_tile: Callable[[int, int], Tensor]) -> Tensor:
+    """x2 [M, K] float32 @ W^T as a contiguous float32 [M, N], W [N, K] dequantized `rows` rows at
+    a time by weight_tile(n0, r) -> float32 [r, K] (a reused buffer that stays in cache for the
+    GEMM): the weight-only CPU faces' path above their GEMVs' token counts. The sums are the same
+    for either output layout (ROW_TILES_MAX_TOKENS)."""
+    m = x2.shape[0]
+    if m > ROW_TILES_MAX_TOKENS:
+        y = torch.empty(m, n)
+        for n0 in range(0, n, rows):
+            r = min(rows, n - n0)
+            torch.mm(x2, weight_tile(n0, r).t(), out=y[:, n0 : n0 + r])
+        return y
+    yt = torch.empty(n, m)
+    for n0 in range(0, n, rows):
+        r = min(rows, n - n0)
+        torch.mm(weight_tile(n0, r), x2.t(), out=yt[n0 : n0 + r])
+    return yt.t().contiguous()

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from qhl.codegen import cpu_fused, cpu_onednn, quant
-from qhl.codegen.w8a16 import ROW_TILES_MAX_TOKENS
 from qhl.runtime.packed import DerivedCache
 
 __all__ = ["w4a16_linear", "w4a16_linear_spec", "w4a16_linear_decomposed"]
@@ -115,13 +114,11 @@ def w4a16_linear_spec(
     symmetric = _all_eight(zero)
     zero_i8 = zero.view(torch.int8) if (not symmetric and gh >= 64) else None
     zf = zero.float() if (not symmetric and zero_i8 is None) else None
-    transposed = m <= ROW_TILES_MAX_TOKENS  # y^T's rows per tile, or y's column slices (w8a16.py)
-    acc = torch.empty(n, m) if transposed else torch.empty(m, n)
     rows = _tile_rows(m, n, k)
     codes = quant._scratch("w4a16.c", (rows, 2, kh), torch.uint8)
     tile = quant._scratch("w4a16.w", (rows, 2, ng, gh), torch.float32)
-    for n0 in range(0, n, rows):
-        r = min(rows, n - n0)
+
+    def weight_tile(n0: int, r: int) -> Tensor:
         p = packed[n0 : n0 + r]
         c = codes[:r]
         torch.bitwise_and(p, 0x0F, out=c[:, 0])  # c[n, 2j]
@@ -134,12 +131,9 @@ def w4a16_linear_spec(
             t.copy_(d.sub_(zero_i8[n0 : n0 + r].view(r, 1, ng, 1)))
         else:
             t.copy_(c.view(r, 2, ng, gh)).sub_(zf[n0 : n0 + r].view(r, 1, ng, 1))
-        t.mul_(sf[n0 : n0 + r].view(r, 1, ng, 1))  # (c - z) * s: the spec's float32 weight
-        if transposed:
-            torch.mm(t.view(r, k), xp.t(), out=acc[n0 : n0 + r])
-        else:
-            torch.mm(xp, t.view(r, k).t(), out=acc[:, n0 : n0 + r])
-    y = acc.t().contiguous() if transposed else acc
+        return t.mul_(sf[n0 : n0 + r].view(r, 1, ng, 1)).view(r, k)  # (c - z) * s: the spec's weight
+
+    y = quant.tiled_mm(xp, n, rows, weight_tile)
     if bias is not None:
         y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -32,16 +32,6 @@ _TILE_BYTES_MANY_TOKENS = 16 << 20
 _MANY_TOKENS = 256
 
 
-# Up to this many tokens the tiles' products fill whole rows of y^T [N, M] (torch.mm(tile, x^T));
-# above, column slices of y [M, N] (torch.mm(x, tile^T, out=y[:, n0:n0 + r])). Zen 5 EPYC, 2
-# threads, per call, column slices against rows: 4 x 4096^2 layers at 17 / 32 / 48 tokens 45 / 57
-# / 71 against 23 / 26 / 36 ms (eager float32 30 / 41 / 53), erratic from run to run; at 256 a tie
-# (161 / 158). SmolLM2's 576 x 49152 LM head at 512 tokens: 184 against 281 ms (the final
-# transpose of a 100 MB y^T costs more than the slices); its 576-wide layers at 128-512 tokens:
-# rows 3-16% slower. The sums are the same either way.
-ROW_TILES_MAX_TOKENS = 64
-
-
 def _tile_rows(m: int, n: int, k: int) -> int:
     tile_bytes = _TILE_BYTES_MANY_TOKENS if m >= _MANY_TOKENS else _TILE_BYTES
     return min(n, max(16, (tile_bytes // (4 * k)) // 16 * 16))
@@ -61,23 +51,13 @@ def w8a16_linear_spec(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional
             if bias is not None:
                 y = y + bias.float()
             return y.to(x.dtype).reshape(*x.shape[:-1], n)
-    rows = _tile_rows(m, n, k)
-    tile = quant._scratch("w8a16.w", (rows, k), torch.float32)
-    transposed = m <= ROW_TILES_MAX_TOKENS
-    acc = torch.empty(n, m) if transposed else torch.empty(m, n)
-    for n0 in range(0, n, rows):
-        r = min(rows, n - n0)
-        t = tile[:r].copy_(w_int8[n0 : n0 + r])  # int8 -> float32, exact
-        if transposed:
-            torch.mm(t, x2.t(), out=acc[n0 : n0 + r])
-        else:
-            torch.mm(x2, t.t(), out=acc[:, n0 : n0 + r])
-    y = torch.empty(m, n) if transposed else acc  # in place for large outputs: no second [M, N]
-    yv = acc.t() if transposed else acc
+    tile = quant._scratch("w8a16.w", (_tile_rows(m, n, k), k), torch.float32)
+    # int8 -> float32 is exact; the scale is applied once per output, after the GEMM
+    y = quant.tiled_mm(x2, n, tile.shape[0], lambda n0, r: tile[:r].copy_(w_int8[n0 : n0 + r]))
     if bias is not None:
-        torch.addcmul(bias.float(), yv, ws, out=y)
+        torch.addcmul(bias.float(), y, ws, out=y)
     else:
-        torch.mul(yv, ws, out=y)
+        y.mul_(ws)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

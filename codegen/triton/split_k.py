@@ -29,8 +29,8 @@ from torch import Tensor
 from qhl.codegen.triton import emit
 from qhl.errors import KernelError
 
-__all__ = ["MAIN_ARGS", "MAIN_STRIDES", "LOOP_START", "render_finish", "render_reduce", "check", "workspace",
-           "launch_reduce"]
+__all__ = ["MAIN_ARGS", "MAIN_STRIDES", "SPLIT_CONSTEXPR", "LOOP_START", "render_finish", "render_reduce", "check",
+           "workspace", "launch_reduce"]
 
 # The main kernels' extra parameters (after y_ptr / after the y strides) and the start of their
 # K range, spliced into each family's template.

@@ -162,10 +162,11 @@ def render(spec: emit.KernelSpec) -> str:
 
 
 def _launch(
-    spec: emit.KernelSpec, x: Tensor, weights: tuple, strides: tuple, bias: Optional[Tensor], split: int
+    spec: emit.KernelSpec, x: Tensor, weights: tuple, strides: tuple, bias: Optional[Tensor], split: int,
+    reduce_scales: tuple = ((), ()),
 ) -> Tensor:
     """Allocate y and run the rendered kernel over a (M-blocks, N-blocks, split) grid; with
-    split > 1, then its _reduce kernel (w8a16 passes its scale to it)."""
+    split > 1, then its _reduce kernel, which reads reduce_scales = (tensors, their strides)."""
     K, N = spec.K, spec.N
     split = split_k.check(f"{spec.family}_linear", spec, split)
     x2 = x.reshape(-1, K)
@@ -188,8 +189,7 @@ def _launch(
             *p_strides,
             BLOCK_M=block_m, SPLIT_K=split,
         )
-        scales = ((weights[1],), strides[:1]) if spec.family == "w8a16" else ((), ())
-        split_k.launch_reduce(module, spec, p, *scales, bias, y, M, block_m, split)
+        split_k.launch_reduce(module, spec, p, *reduce_scales, bias, y, M, block_m, split)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -204,7 +204,8 @@ def w8a16_linear_triton(
     block_n, block_k = blocks or (None, None)
     spec = emit.make_spec("w8a16", K, N, x.dtype, has_bias=bias is not None, block_n=block_n, block_k=block_k,
                           tile=emit.tile_for(x.numel() // K))
-    return _launch(spec, x, (w_int8, w_scale), (w_scale.stride(0),), bias, split)
+    return _launch(spec, x, (w_int8, w_scale), (w_scale.stride(0),), bias, split,
+                   reduce_scales=((w_scale,), (w_scale.stride(0),)))
 
 
 def w4a16_linear_triton(
