@@ -40,6 +40,17 @@ QUANTIZE_PASSES = ("canonicalize_matmuls", "select_layers", "quantize_linear")
 # quantization-sensitive layer of a causal LM (it is also tied to the embedding in SmolLM2).
 DEFAULT_SKIP = ("*embed*", "lm_head", "*.lm_head")
 GROUP_SIZES = (32, 64, 128)
+
+
+def group_size_advice(k: int, group_size: int, sizes: tuple[int, ...] = GROUP_SIZES) -> str:
+    """Why a layer with in_features k can't take int4 groups of `group_size`, and what would: the
+    supported sizes that divide k (SmolLM2's 576 takes 64, not the preset's 128)."""
+    fits = [g for g in sorted(sizes, reverse=True) if k % g == 0 and g % 2 == 0]
+    head = f"in_features K={k} is not divisible by group_size={group_size}; "
+    if not fits:
+        return head + f"no supported group size ({', '.join(map(str, sizes))}) divides K, so it stays float"
+    others = f" (or {', '.join(map(str, fits[1:]))})" if len(fits) > 1 else ""
+    return head + f"group_size={fits[0]}{others} divides K (set it for the recipe, or for these layers in overrides)"
 ROTATIONS = (None, "online", "offline", "auto")
 ADAPTERS = (None, "gralora", "lora")
 # Adapter recipes: lower_adapters also runs on the Dynamo graph, before AOTAutograd (so the

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from qhl.codegen import lowrank
+from qhl.recipes import group_size_advice
 
 __all__ = [
     "LOWRANK_FORMS",
@@ -106,10 +107,7 @@ def check_lr_w4a16(info: Any, knobs: dict[str, Any]) -> str | None:
     if not n_in or not n_out:
         return "empty weight"
     if n_in % g or g % 2:
-        return (
-            f"in_features K={n_in} is not divisible by group_size={g}; "
-            "choose a group size that divides K or keep this layer float"
-        )
+        return group_size_advice(n_in, g, LOWRANK_GROUP_SIZES)
     if _lr_rank(n_out, n_in, knobs) < 0:
         return (
             f"budget={knobs['budget']} of the float16 weight ({2 * n_out * n_in} B) is smaller than the "

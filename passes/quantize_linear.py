@@ -28,6 +28,7 @@ from qhl.codegen import quant
 from qhl.graph import MatmulInfo, matmul_infos
 from qhl.passes import lowrank_rules
 from qhl.passes.base import PassResult
+from qhl.recipes import group_size_advice
 from qhl.runtime.packed import PackedWeight, pack_once, record_packed
 
 __all__ = ["quantize_linear", "RULES", "Rule"]
@@ -55,10 +56,7 @@ def _check_int4(info: MatmulInfo, knobs: dict[str, Any]) -> str | None:
     if not info.in_features:
         return _check_any(info, knobs)
     if info.in_features % g:
-        return (
-            f"in_features K={info.in_features} is not divisible by group_size={g}; "
-            "choose a group size that divides K or keep this layer float"
-        )
+        return group_size_advice(info.in_features, g)
     return _check_any(info, knobs)
 
 

@@ -144,3 +144,18 @@ def test_float_recipe_has_no_form():
     r = qhl.recipe("float")
     assert r.form is None and "quantize_linear" not in r.passes
     assert r.layer_knobs("fc1") == (None, "the recipe has no matmul form")
+
+
+@pytest.mark.parametrize("k, g, sizes, advice", [
+    (576, 128, None, "group_size=64 (or 32) divides K"),
+    (96, 64, None, "group_size=32 divides K"),
+    (100, 64, None, "no supported group size (32, 64, 128) divides K, so it stays float"),
+    (576, 128, (32, 64, 96, 128, 192, 256), "group_size=192 (or 96, 64, 32) divides K"),
+])
+def test_group_size_advice_names_the_sizes_that_fit(k, g, sizes, advice):
+    """A layer whose K no group of the recipe's size tiles is declined with the supported sizes
+    that would tile it, largest first (SmolLM2's 576 under the w4a16 preset's 128)."""
+    from qhl.recipes import GROUP_SIZES, group_size_advice
+
+    text = group_size_advice(k, g, sizes or GROUP_SIZES)
+    assert text.startswith(f"in_features K={k} is not divisible by group_size={g}; ") and advice in text
