@@ -200,12 +200,31 @@ def _off(reason: str) -> None:
             log.warning("qhl: fused CPU prologue/epilogue off, eager ops instead: %s", reason)
 
 
+_at_recompile_limit: set[str] = set()  # functions that reached Dynamo's recompile limit
+
+
 def _call(name: str, *args):
     """The compiled function, or on any failure to compile it the same math eagerly (and the
-    fused path off from then on, with the reason logged once)."""
+    fused path off from then on, with the reason logged once).
+
+    Dynamo's recompile limit (8 graphs a function) is not such a failure: a long-lived process
+    that runs many layer shapes, dtypes, or inference-mode and ordinary tensors alike reaches
+    it. From then on that function runs under the "eager_on_recompile" stance: the graphs it
+    has keep serving (~5 us more a call), and a call that would need a new one runs eagerly at
+    once, instead of Dynamo trying and failing to compile it on every call (~1 ms each,
+    measured). The fused path stays on, and with it the torch.compile door's whole-graph Inductor
+    path, which checks `enabled()`."""
     if _disabled is None:
         try:
+            if name in _at_recompile_limit:
+                with torch.compiler.set_stance("eager_on_recompile"):
+                    return _compiled(name)(*args)
             return _compiled(name)(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            if name not in _at_recompile_limit:
+                _at_recompile_limit.add(name)
+                log.warning("qhl: fused CPU %s reached Dynamo's recompile limit; a call needing a new graph "
+                            "runs as eager ops from now on (the same math, slower)", name)
         except Exception as e:  # noqa: BLE001 - a broken toolchain must not break the op
             _off(f"Inductor could not compile the fused CPU {name} ({type(e).__name__}: {str(e)[:200]})")
     return _FUNCTIONS[name](*args)

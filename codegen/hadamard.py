@@ -32,7 +32,11 @@ benchmarks/hadamard_speed.py: the op against x @ hadamard_matrix(n).
 
 Faces: spec (here, CPU), fake, kernel (codegen/triton/hadamard.py, CUDA), grad (hadamard only:
 dx = hadamard(dy, block_size, not transpose), since M⁻¹ = Mᵀ), onnx (codegen/onnx/hadamard.py).
-Quantization has no grad face.
+Quantization has no grad face. Both ops also have an aten decomposition for Inductor's
+whole-graph CPU codegen (hadamard_decomposed, hadamard_quantize_per_token_decomposed; and the
+w4a8/w4a4 decompositions rotate with rotate_rows_decomposed): the spec's own GEMMs and sums with
+the ±1 factors as graph constants, so the same floats, without an op call per rotation. For
+that, the tiny K stage sums in float64 (exact for all but extreme inputs, so in any order).
 """
 from __future__ import annotations
 
@@ -53,6 +57,9 @@ __all__ = [
     "hadamard_quantize_per_token_spec",
     "hadamard_quantize_per_token_cpu",
     "resolve_block",
+    "rotate_rows_decomposed",
+    "hadamard_decomposed",
+    "hadamard_quantize_per_token_decomposed",
     "QUANT_BITS",
 ]
 
@@ -88,34 +95,61 @@ def _factor(k: int, dtype: torch.dtype, transpose: bool) -> Tensor:
     return h if transpose else h.T.contiguous()
 
 
-def _sylvester(x: Tensor, p: int) -> Tensor:
+@functools.lru_cache(maxsize=None)
+def _entries(k: int, transpose: bool | None) -> tuple[tuple[float, ...], ...]:
+    """The ±1 entries of H_k (transpose None) or of the K-matrix `_factor(k, ., transpose)`, as
+    Python numbers, read with every dispatch mode off (a decomposition runs under fake tracing)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        h = hlib.hadamard_factor(k, torch.float64) if transpose is None else _factor(k, torch.float64, transpose)
+        return tuple(tuple(row) for row in h.tolist())
+
+
+def _constant(k: int, dtype: torch.dtype, transpose: bool | None, in_graph: bool) -> Tensor:
+    """H_k (transpose None) or the K-matrix; in_graph: built from its entries, so that a traced
+    decomposition records it as a graph constant (a cached real tensor can't enter fake tracing)."""
+    if in_graph:
+        return torch.tensor(_entries(k, transpose), dtype=dtype)
+    return hlib.hadamard_factor(k, dtype) if transpose is None else _factor(k, dtype, transpose)
+
+
+def _sylvester(x: Tensor, p: int, in_graph: bool = False) -> Tensor:
     """Unnormalised Sylvester transform of every length-p run of the flat tensor x, as GEMMs:
     one by H_p for p <= 64; above, H_p = H_a ⊗ H_b (a * b = p, a <= b), so a run viewed as an
     [a, b] matrix X maps to H_a X H_b (Sylvester matrices are symmetric): one GEMM on the right
     over all runs, then one batched GEMM on the left. No transposes, a new flat tensor."""
     if p <= _ONE_GEMM_MAX:
-        return torch.matmul(x.view(-1, p), hlib.hadamard_factor(p, x.dtype)).view(-1)
+        return torch.matmul(x.view(-1, p), _constant(p, x.dtype, None, in_graph)).view(-1)
     m = p.bit_length() - 1
     a, b = 1 << (m // 2), 1 << (m - m // 2)
-    z = torch.matmul(x.view(-1, b), hlib.hadamard_factor(b, x.dtype))
-    return torch.matmul(hlib.hadamard_factor(a, x.dtype), z.view(-1, a, b)).view(-1)
+    z = torch.matmul(x.view(-1, b), _constant(b, x.dtype, None, in_graph))
+    return torch.matmul(_constant(a, x.dtype, None, in_graph), z.view(-1, a, b)).view(-1)
 
 
-def _transform_rows(x2: Tensor, b: int, transpose: bool) -> Tensor:
-    """x2 [R, n] (compute dtype, n % b == 0) -> x2 @ (I ⊗ H_b) (or its transpose), a new tensor."""
+def _transform_rows(x2: Tensor, b: int, transpose: bool, in_graph: bool = False) -> Tensor:
+    """x2 [R, n] (compute dtype, n % b == 0) -> x2 @ (I ⊗ H_b) (or its transpose), a new tensor.
+    in_graph: for a traced decomposition (constants from entries, no in-place op; same floats)."""
     k, p = hlib.hadamard_plan(b)
     flat = x2.contiguous().view(-1)
-    z = _sylvester(flat, p) if p > 1 else flat
+    z = _sylvester(flat, p, in_graph) if p > 1 else flat
     if k == 1 and p == 1:
         z = z.clone()  # n = 1: the result must not alias the input (scaled in place below)
     if k > 1:
         zk = z.view(-1, k, p)
-        a_mat = _factor(k, z.dtype, transpose)
+        a_mat = _constant(k, z.dtype, transpose, in_graph)
         if z.numel() * k < _TINY_NUMEL:  # tiny: broadcast multiply-sum, no BLAS call
-            z = torch.sum(a_mat[:, :, None] * zk[:, None, :, :], dim=2).view(-1)
+            # Summed in float64, then rounded once: each term is ±z (exact), and float64 holds
+            # the sum of k <= 172 float32 values exactly unless their magnitudes span more than
+            # 2^21 (24 + 8 + 21 = 53 bits), so the order of the additions does not matter. That is what lets the
+            # decomposition (in_graph: Inductor's loop) compute the eager spec's floats bit for
+            # bit; a float32 sum's order differs between eager torch.sum and Inductor (1 ulp).
+            terms = a_mat[:, :, None] * zk[:, None, :, :]
+            z = terms.double().sum(dim=2).to(terms.dtype).reshape(-1)
         else:
             z = torch.matmul(a_mat, zk).view(-1)
-    return z.view(x2.shape).mul_(1.0 / math.sqrt(b))
+    z = z.view(x2.shape)
+    return z * (1.0 / math.sqrt(b)) if in_graph else z.mul_(1.0 / math.sqrt(b))
 
 
 def hadamard_spec(x: Tensor, block_size: int = 0, transpose: bool = False, fp32: bool = True) -> Tensor:
@@ -126,6 +160,30 @@ def hadamard_spec(x: Tensor, block_size: int = 0, transpose: bool = False, fp32:
     if x.numel() == 0:
         return torch.empty_like(x)
     y = _transform_rows(x.reshape(-1, n).to(compute), b, transpose)
+    return y.to(x.dtype).reshape(x.shape)
+
+
+def rotate_rows_decomposed(x2: Tensor, block_size: int) -> Tensor:
+    """float32 x2 [M, n] @ (I ⊗ H_b): hadamard_spec's own ops (the same GEMMs and sums, so the same
+    floats), with its ±1 factors as graph constants, for aten decompositions in Inductor's
+    whole-graph CPU codegen (the rotated w4a8/w4a4 prologue, codegen/w4ax.py)."""
+    b = resolve_block(x2.shape[-1], block_size)
+    return _transform_rows(x2.float(), b, False, in_graph=True)
+
+
+def hadamard_decomposed(x: Tensor, block_size: int = 0, transpose: bool = False, fp32: bool = True):
+    """qhl::hadamard in aten ops for Inductor's whole-graph CPU codegen (runtime/inductor_cpu.py):
+    the spec's own GEMMs and sums (rotate_rows_decomposed), so the same floats, with Inductor
+    fusing the scale and casts into the neighbouring ops instead of an op call per rotation (the
+    online rotations of hadamard-w8a8 / hadamard-w4a16, one to four a decoder layer). Declines
+    (NotImplemented, the op stays a call) off the CPU, for a symbolic shape (the spec picks its
+    tiny-K formulation by size), and for a computation in another dtype than float32."""
+    if x.device.type != "cpu" or not all(isinstance(d, int) for d in x.shape) or x.numel() == 0:
+        return NotImplemented
+    if not fp32 and x.dtype != torch.float32:
+        return NotImplemented
+    n = x.shape[-1]
+    y = _transform_rows(x.reshape(-1, n).float(), resolve_block(n, block_size), transpose, in_graph=True)
     return y.to(x.dtype).reshape(x.shape)
 
 
@@ -204,6 +262,21 @@ def _(x: Tensor, block_size: int, bits: int) -> tuple[Tensor, Tensor]:
         x.new_empty(x.shape, dtype=torch.int8),
         x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
     )
+
+
+def hadamard_quantize_per_token_decomposed(x: Tensor, block_size: int, bits: int):
+    """qhl::hadamard_quantize_per_token in aten ops for Inductor's whole-graph CPU codegen (the
+    rotated prologue float_codes_gemm writes into the graph): rotate_rows_decomposed, then the
+    per-token quantizer in aten ops, so the spec's codes and scales bit for bit. Declines
+    (NotImplemented) off the CPU and for a symbolic shape, as hadamard_decomposed."""
+    from qhl.codegen.w8a8 import per_token_codes_decomposed
+
+    if x.device.type != "cpu" or not all(isinstance(d, int) for d in x.shape) or x.numel() == 0:
+        return NotImplemented
+    _check_quant_args(block_size, bits)
+    x2 = x.reshape(-1, x.shape[-1])
+    codes, scale = per_token_codes_decomposed(x2.float() if block_size == -1 else rotate_rows_decomposed(x2, block_size), bits)
+    return codes.to(torch.int8).view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
 @hadamard_quantize_per_token.register_kernel("cpu")

@@ -142,8 +142,9 @@ def _decomposed(bits: int):
         if hadamard_block < 0:
             codes, xs = per_token_codes_decomposed(x2, bits)
         else:
-            q, xs = torch.ops.qhl.hadamard_quantize_per_token.default(x2, hadamard_block, bits)
-            codes = q.float()
+            from qhl.codegen.hadamard import rotate_rows_decomposed
+
+            codes, xs = per_token_codes_decomposed(rotate_rows_decomposed(x2, hadamard_block), bits)
         acc = cpu_fused.int4_bits_dot_graph(codes, w_packed, None, None, k)
         return NotImplemented if acc is None else epilogue_decomposed(acc, w_scale, xs, bias, x)
 

@@ -5,7 +5,8 @@ ops for Inductor.
                                               y = ((q @ Wf^T) * s_w) * s_x (+ b)      Wf = float32(Wq)
 
 and the same for w4a8 / w4a4 (Wf the unpacked int4 codes; q 8- or 4-bit, after the layer's online
-Hadamard rotation where it has one: the qhl::hadamard_quantize_per_token call stays an op).
+Hadamard rotation where it has one: the qhl::hadamard_quantize_per_token call, which Inductor
+lowers to aten ops in turn at a static token count, runtime/inductor_cpu.py).
 
 Where the CPU has AVX2 alone (codegen/cpu_onednn.int8_gemm_is_fast() is False), PyTorch's int8
 GEMM is 3-25x slower than float32's, so these forms' CPU faces run "plan f32": a float32 GEMM over

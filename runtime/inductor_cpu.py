@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 def cpu_decompositions() -> dict[Any, Callable[..., Any]]:
     """qhl op overload -> its aten decomposition for Inductor's CPU codegen."""
+    from qhl.codegen.hadamard import hadamard_decomposed, hadamard_quantize_per_token_decomposed
     from qhl.codegen.w4a16 import w4a16_linear_decomposed
     from qhl.codegen.w4ax import w4a4_linear_decomposed, w4a8_linear_decomposed
     from qhl.codegen.w8a8 import w8a8_linear_decomposed
@@ -64,6 +65,8 @@ def cpu_decompositions() -> dict[Any, Callable[..., Any]]:
         torch.ops.qhl.w4a16_linear.default: w4a16_linear_decomposed,
         torch.ops.qhl.w4a8_linear.default: w4a8_linear_decomposed,
         torch.ops.qhl.w4a4_linear.default: w4a4_linear_decomposed,
+        torch.ops.qhl.hadamard.default: hadamard_decomposed,
+        torch.ops.qhl.hadamard_quantize_per_token.default: hadamard_quantize_per_token_decomposed,
     }
 
 
@@ -71,7 +74,7 @@ def cpu_decompositions() -> dict[Any, Callable[..., Any]]:
 # GEMM): part of the compiled-code cache key, so that a changed qhl never reuses stale code.
 _DECOMPOSITION_SOURCES = ("codegen/w8a8.py", "codegen/w8a8_tensor.py", "codegen/w8a16.py", "codegen/cpu_onednn.py",
                           "codegen/quant.py", "codegen/cpu_fused.py", "codegen/w4a16.py", "codegen/w4ax.py",
-                          "runtime/inductor_cpu.py")
+                          "codegen/hadamard.py", "compiler/hadamard.py", "runtime/inductor_cpu.py")
 
 
 @functools.cache

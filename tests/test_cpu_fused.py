@@ -239,12 +239,51 @@ def test_a_failing_compile_falls_back_to_the_same_math(monkeypatch, caplog):
     assert not cpu_fused.enabled()
 
 
+def test_recompile_limit_runs_eagerly_and_keeps_the_fused_path(monkeypatch, caplog):
+    """Dynamo's recompile limit is not a broken toolchain: a process that runs many shapes reaches
+    it. The call runs the same math eagerly and logs once; the function's compiled graphs keep
+    serving (the "eager_on_recompile" stance, no failing compile per call); the fused path (and with
+    it the torch.compile door's whole-graph Inductor path) stays on."""
+    import types
+
+    # a fresh code object: Dynamo keeps its graphs per code object, and the real prologue's
+    # already hold other tests' graphs
+    fresh = types.FunctionType(cpu_fused._prologue.__code__.replace(), cpu_fused._prologue.__globals__)
+    compiled = torch.compile(fresh, dynamic=True, fullgraph=True)
+    monkeypatch.setattr(cpu_fused, "_compiled", lambda name: compiled)
+    monkeypatch.setattr(cpu_fused, "_disabled", None)
+    monkeypatch.setattr(cpu_fused, "_at_recompile_limit", set())
+    x = torch.randn(4, 64)
+    with caplog.at_level(logging.WARNING, logger="qhl.codegen.cpu_fused"), torch._dynamo.config.patch(recompile_limit=1):
+        for offset in (0, 128, 128, 0):  # uint8 codes (a bool argument, specialised) need a second graph
+            q, s = cpu_fused.per_token_codes(x, 127, offset)
+            want = quant.quantize_per_token(x)
+            assert torch.equal(q, (want[0].to(torch.int16) + offset).to(q.dtype)) and torch.equal(s, want[1])
+    assert cpu_fused.enabled() and "prologue" in cpu_fused._at_recompile_limit
+    assert caplog.text.count("recompile limit") == 1
+
+
 # --- whole-graph Inductor (the torch.compile door on CPU) ---------------------------------------
 
 
 def _stack(width: int = 128, depth: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)]).eval()
+
+
+def _spec_and_inductor(model: torch.nn.Module, x: torch.Tensor, recipe: str, **knobs):
+    """(op-by-op output, Inductor output, Inductor's generated source, the Inductor backend) of one
+    static-shape compile of `model` under `recipe` each way."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = torch.compile(model, backend=qhl.backend(recipe, cpu_codegen="spec", **knobs), dynamic=False)(x)
+    torch._dynamo.reset()
+    be = qhl.backend(recipe, **knobs)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
+    return ref, out, "\n".join(codes), be
 
 
 def _reference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -515,12 +554,11 @@ def test_avx2_few_token_layers_are_lowered_into_the_inductor_graph(recipe, int8_
     """On a CPU with AVX2 alone (mode "float"), at a static 1-4 tokens, each form's decomposition
     puts the bit-mask GEMV into Inductor's graph: no call of the layer's qhl op is left in the
     compiled code (each such call cost ~250-500 us of dispatch and Dynamo overhead, which made
-    SmolLM2's decode slower than eager; hadamard-w4a8 keeps its rotate-and-quantize prologue op),
-    and the result is the op-by-op graph's to float32 rounding. At 5 tokens, and for w4a16 with a
-    group of 32, the weight-only ops stay calls to their CPU faces; the int8-GEMM forms' are
+    SmolLM2's decode slower than eager; hadamard-w4a8's rotate-and-quantize prologue is in the
+    graph too, as the rotation's GEMMs and the quantizer), and the result is the op-by-op
+    graph's to float32 rounding (hadamard-w4a8's bit for bit). At 5 tokens, and for w4a16 with
+    a group of 32, the weight-only ops stay calls to their CPU faces; the int8-GEMM forms' are
     lowered by float_codes_gemm."""
-    from torch._inductor.utils import run_and_get_code
-
     int8_gemm("float")
     form = recipe.removeprefix("hadamard-")
     model = _stack(256, 2)
@@ -528,22 +566,36 @@ def test_avx2_few_token_layers_are_lowered_into_the_inductor_graph(recipe, int8_
         if group == 32 and form != "w4a16":
             continue
         knobs = {"group_size": group} if form == "w4a16" else {}
-        x = torch.randn(tokens, 256)
-        torch._dynamo.reset()
-        with torch.no_grad():
-            ref = torch.compile(model, backend=qhl.backend(recipe, cpu_codegen="spec", **knobs), dynamic=False)(x)
-        torch._dynamo.reset()
-        be = qhl.backend(recipe, **knobs)
-        with torch.no_grad():
-            out, codes = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
+        ref, out, source, be = _spec_and_inductor(model, torch.randn(tokens, 256), recipe, **knobs)
         assert [g.codegen for g in be.graphs] == ["inductor"]
-        source = "\n".join(codes)
         calls = source.count(f"torch.ops.qhl.{form}_linear.default(")
         lowered = (tokens <= cpu_fused.BITS_GEMV_MAX_TOKENS and group == 64) or form in ("w8a8", "w4a8", "w4a4")
         assert calls == (0 if lowered else 2), (tokens, group)
         if recipe.startswith("hadamard-") and calls == 0:
-            assert source.count("torch.ops.qhl.hadamard_quantize_per_token.default(") == 2
+            assert "torch.ops.qhl.hadamard_quantize_per_token" not in source
+            assert torch.equal(out, ref), tokens
         assert _rel_err(out, ref) < 1e-5, (tokens, group)
+
+
+@pytest.mark.parametrize("recipe, tokens, plan", [("hadamard-w8a8", 1, "int8"), ("hadamard-w8a8", 7, "int8"),
+                                                  ("hadamard-w8a8", 7, "float"), ("hadamard-w4a8", 1, "int8"),
+                                                  ("hadamard-w4a8", 7, "float")])
+def test_online_rotations_are_lowered_into_the_inductor_graph(recipe, tokens, plan, monkeypatch, int8_gemm):
+    """The online rotations become the rotation's GEMMs and sums inside Inductor's graph at a
+    static token count: hadamard-w8a8's qhl::hadamard before each layer (every CPU plan), and
+    hadamard-w4a8's rotate-and-quantize prologue where its layer is lowered too (the bit-mask GEMV
+    at 1-4 tokens without AMX; float_codes_gemm's plan at more tokens without a fast int8 GEMM).
+    No call of a qhl op is left in the compiled code (each cost ~60-100 us of dispatch a layer at
+    1 token), and the result is the op-by-op graph's to float32 rounding (the rotation itself is
+    the spec's bit for bit: tests/test_hadamard.py)."""
+    int8_gemm(plan)
+    monkeypatch.setattr(cpu_onednn, "cpu_has_amx", lambda: False)
+    ref, out, source, be = _spec_and_inductor(_stack(576, 2), torch.randn(tokens, 576), recipe)
+    assert [g.codegen for g in be.graphs] == ["inductor"]
+    assert "torch.ops.qhl.hadamard" not in source
+    if recipe == "hadamard-w4a8":
+        assert "torch.ops.qhl.w4a8_linear" not in source
+    assert _rel_err(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("m", [1, 4])
@@ -801,18 +853,9 @@ def test_w4ax_bits_gemv_is_lowered_with_a_fast_int8_gemm_unless_amx(recipe, amx,
     """With a fast int8 GEMM and no AMX, w4a8 at 1-4 tokens is the bit-mask GEMV inside Inductor's
     graph, as with AVX2 alone (no qhl::w4a8_linear call left; bit-identical to the face's int8 GEMV
     on cached codes and faster); with AMX it stays a call to the face."""
-    from torch._inductor.utils import run_and_get_code
-
     int8_gemm("int8")
     monkeypatch.setattr(cpu_onednn, "cpu_has_amx", lambda: amx)
-    model, x = _stack(256, 2), torch.randn(3, 256)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        ref = torch.compile(model, backend=qhl.backend(recipe, cpu_codegen="spec"), dynamic=False)(x)
-    torch._dynamo.reset()
-    be = qhl.backend(recipe)
-    with torch.no_grad():
-        out, codes = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
-    calls = "\n".join(codes).count("torch.ops.qhl.w4a8_linear.default(")
+    ref, out, source, _ = _spec_and_inductor(_stack(256, 2), torch.randn(3, 256), recipe)
+    calls = source.count("torch.ops.qhl.w4a8_linear.default(")
     assert calls == (2 if amx else 0)
     assert _rel_err(out, ref) < 1e-5

@@ -250,6 +250,63 @@ def test_fused_quant_is_quantize_of_hadamard(block):
         torch.ops.qhl.hadamard_quantize_per_token(x, 0, 3)
 
 
+@pytest.mark.parametrize("rows, n, b", [(1, 576, 0), (3, 576, 64), (1, 1536, 0), (40, 576, 0), (2, 96, 12)])
+def test_decomposed_rotation_is_the_spec_bit_for_bit(rows, n, b):
+    """rotate_rows_decomposed (the rotated w4a8/w4a4 prologue in Inductor's graph) traces under
+    fake tensors into functional aten ops with the ±1 factors as constants, and computes the
+    spec's floats bit for bit: eagerly, and compiled by Inductor (the tiny K stage sums in
+    float64, exactly, so that eager torch.sum's order and Inductor's give the same floats)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from qhl.codegen.hadamard import rotate_rows_decomposed
+
+    x = torch.randn(rows, n) * 3
+    ref = hadamard_spec(x, b)
+    assert torch.equal(rotate_rows_decomposed(x, b), ref)
+    gm = make_fx(lambda t: rotate_rows_decomposed(t, b), tracing_mode="fake")(x)
+    assert not [nd for nd in gm.graph.nodes if nd.op == "call_function" and nd.target._schema.is_mutable]
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(gm, backend="inductor")(x), ref)
+
+
+@pytest.mark.parametrize("shape, b, bits", [((1, 576), 0, 8), ((2, 3, 1536), 0, 4), ((5, 576), 64, 8), ((2, 64), -1, 4)])
+def test_decomposed_fused_quant_is_the_spec_bit_for_bit(shape, b, bits):
+    """hadamard_quantize_per_token_decomposed (Inductor's lowering of the rotated prologue) gives
+    the spec's codes and scales bit for bit, eagerly and traced under fake tensors; a symbolic
+    token count declines (the op stays a call)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from qhl.codegen.hadamard import hadamard_quantize_per_token_decomposed as decomposed
+
+    torch.manual_seed(5)
+    x = torch.randn(*shape) * 3
+    x[..., 1] = 40.0
+    want = hadamard_quantize_per_token_spec(x, b, bits)
+    got = decomposed(x, b, bits)
+    assert got[0].dtype == torch.int8 and got[0].shape == x.shape and got[1].shape == (*shape[:-1], 1)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    gm = make_fx(lambda t: decomposed(t, b, bits), tracing_mode="fake")(x)
+    traced = gm(x)
+    assert torch.equal(traced[0], want[0]) and torch.equal(traced[1], want[1])
+    seen = []
+    make_fx(lambda t: seen.append(decomposed(t, b, bits)), tracing_mode="symbolic")(x)
+    assert seen == [NotImplemented]
+
+
+@pytest.mark.parametrize("n, b, transpose", [(576, 0, False), (576, 0, True), (1536, 128, False)])
+def test_hadamard_decomposition_in_inductors_graph(n, b, transpose):
+    """hadamard_decomposed: the spec bit for bit, eagerly and compiled by Inductor; declines
+    (NotImplemented) a computation in another dtype than float32."""
+    from qhl.codegen.hadamard import hadamard_decomposed
+
+    x = torch.randn(2, n)
+    want = hadamard_spec(x, b, transpose)
+    assert torch.equal(hadamard_decomposed(x, b, transpose), want)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(lambda t: hadamard_decomposed(t, b, transpose), backend="inductor")(x), want)
+    assert hadamard_decomposed(x.bfloat16(), b, transpose, False) is NotImplemented
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_fused_quant_cpu_face_is_the_spec(bits):
     """The CPU face quantizes with the Inductor-fused loop (codegen/cpu_fused.py; its tests cover
