@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from qhl.capture import bind_dynamo_weights, weight_paths_from_dynamo
 from qhl.codegen.triton.emit import attach_kernel_sources
 from qhl.driver import PassRecord, run_passes
-from qhl.graph import TRAINING_META, MatmulInfo, matmul_infos
+from qhl.graph import TRAINING_META, MatmulInfo, float_reasons, matmul_infos
 from qhl.passes import CODEGEN, INDUCTOR_ONLY, PRE_AOT, bind
 from qhl.passes.lower_adapters import DECLINED_META, GRAPH_KIND_META
 from qhl.recipes import DEFAULT_RECIPE, Recipe, recipe
@@ -215,10 +215,12 @@ class QhlBackend:
 def _log_summary(kind: str, compiled: CompiledGraph) -> None:
     rewritten = [i for i in compiled.layers if i.form]
     forms = sorted({i.form for i in rewritten})
+    reasons = float_reasons(compiled.layers)
+    most = f" (most: {reasons[0][0]} x {reasons[0][1]})" if reasons else ""
     log.info(
-        "qhl: %s graph: %d matmuls, %d rewritten %s, %d left as they were; runs on %s (%.2fs)",
-        kind, len(compiled.layers), len(rewritten), forms, len(compiled.layers) - len(rewritten), compiled.codegen,
-        compiled.seconds,
+        "qhl: %s graph: %d matmuls, %d rewritten %s, %d left as they were%s; runs on %s (%.2fs)",
+        kind, len(compiled.layers), len(rewritten), forms, len(compiled.layers) - len(rewritten), most,
+        compiled.codegen, compiled.seconds,
     )
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "val",
     "weight_source",
     "matmul_infos",
+    "float_reasons",
     "module_path_of",
     "source_to_path",
     "same_shape",
@@ -146,6 +147,17 @@ def weight_source(node: Any) -> tuple[fx.Node, WeightRef, bool] | None:
 
 def matmul_infos(gm: fx.GraphModule) -> list[tuple[fx.Node, MatmulInfo]]:
     return [(n, n.meta[MATMUL_META]) for n in gm.graph.nodes if MATMUL_META in n.meta]
+
+
+def float_reasons(layers: Any) -> list[tuple[int, str]]:
+    """(count, reason) for the layers left float (anything with .form and .reason: MatmulInfo,
+    report rows), most frequent first: 180 of SmolLM2's layers share one reason under the w4a16
+    preset, which a per-layer table buries."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        if not layer.form and layer.reason:
+            counts[layer.reason] = counts.get(layer.reason, 0) + 1
+    return sorted(((n, r) for r, n in counts.items()), key=lambda item: -item[0])
 
 
 def source_to_path(source_name: str) -> str:

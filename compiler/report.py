@@ -21,7 +21,7 @@ from torch import fx
 from qhl.capture import capture_export, no_kv_cache
 from qhl.codegen.triton.emit import attach_kernel_sources
 from qhl.driver import PassRecord, run_passes
-from qhl.graph import MATMUL_META, MatmulInfo, matmul_infos
+from qhl.graph import MATMUL_META, MatmulInfo, float_reasons, matmul_infos
 from qhl.metrics import sqnr_db
 from qhl.recipes import DEFAULT_RECIPE, Recipe
 from qhl.recipes import recipe as make_recipe
@@ -125,9 +125,12 @@ class Report:
             f"  weight bytes of matmuls: {_mb(before)} -> {_mb(after)}"
             + (f" ({after / before:.2f}x)" if before else ""),
             f"  model output SQNR vs float32: {_db(self.output_sqnr_db)}",
-            "",
-            "  passes:",
         ]
+        reasons = float_reasons(self.layers)
+        if reasons:
+            lines.append("  left float, by reason:")
+            lines += [f"    {n:>4} x {reason}" for n, reason in reasons]
+        lines += ["", "  passes:"]
         for p in self.passes:
             stats = ", ".join(f"{k}={v}" for k, v in p.stats.items())
             lines.append(f"    {p.name:<22} changed={str(p.changed):<5} {stats}  ({p.seconds * 1e3:.0f} ms)")

@@ -2,6 +2,7 @@
 spec, dynamic shapes, training, float64, and verify mode."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pathlib
@@ -302,3 +303,13 @@ def test_autocast_bf16_layers_are_rewritten():
     for info in be.graphs[-1].layers:
         assert info.reason != "no weight operand: both operands are activations", info.path
     assert _forms(be.graphs[-1]) == ["w8a8", "w8a8"]
+
+
+def test_graph_summary_log_names_the_most_common_float_reason(caplog):
+    """The backend's one-line summary per graph says why most of the layers it left float were
+    left (the per-layer reasons are in backend.graphs[i].layers)."""
+    model = torch.nn.Sequential(torch.nn.Linear(96, 96), torch.nn.Linear(96, 128), torch.nn.Linear(128, 8)).eval()
+    torch._dynamo.reset()
+    with caplog.at_level(logging.INFO, logger="qhl.compile_backend"), torch.no_grad():
+        torch.compile(model, backend=qhl.backend("w4a16", cpu_codegen="spec"))(torch.randn(2, 96))
+    assert "2 left as they were (most: 2 x in_features K=96 is not divisible by group_size=128;" in caplog.text

@@ -69,6 +69,7 @@ def test_str_contains_the_table(mlp_report):
     text = str(report)
     assert "qhl report: MLP, recipe 'w8a8'" in text
     assert "matmuls found: 3, rewritten: 2, left as they were: 1" in text
+    assert "left float, by reason:\n       1 x in the recipe's skip list ('lm_head')" in text
     header = next(line for line in text.splitlines() if line.startswith("path"))
     for column in ("op", "K->N", "form", "SQNR", "bytes before->after", "reason"):
         assert column in header
@@ -311,3 +312,18 @@ def test_cli_recipes_lists_presets():
     assert proc.returncode == 0
     for name in ("w8a8", "w8a16", "w4a16"):
         assert name in proc.stdout
+
+
+def test_float_layers_are_summed_up_by_reason():
+    """A reason many layers share is one line above the table, most frequent first (SmolLM2 under
+    the w4a16 preset: 180 layers whose K=576 no group of 128 tiles), and in the backend's log."""
+    from qhl.graph import float_reasons
+
+    model = torch.nn.Sequential(torch.nn.Linear(96, 96), torch.nn.Linear(96, 96), torch.nn.Linear(96, 128),
+                                torch.nn.Linear(128, 8))
+    report = qhl.inspect(model, (torch.randn(2, 96),), recipe="w4a16")
+    reasons = float_reasons(report.layers)
+    assert [n for n, _ in reasons] == [3]
+    assert reasons[0][1].startswith("in_features K=96 is not divisible by group_size=128; group_size=32 divides K")
+    assert f"   3 x {reasons[0][1]}" in str(report)
+    assert float_reasons(qhl.inspect(model, (torch.randn(2, 96),), recipe="w8a8").layers) == []
