@@ -19,7 +19,7 @@ from typing import Any
 from qhl.codegen.quant import GROUPWISE_CLIPS, WEIGHT_CLIPS
 from qhl.errors import RecipeError
 
-__all__ = ["Recipe", "LayerOverride", "recipe", "recipes", "FORMS", "RECIPE_VERSION"]
+__all__ = ["Recipe", "LayerOverride", "recipe", "recipes", "FORMS", "RECIPE_VERSION", "GROUP_SIZE_AUTO"]
 
 RECIPE_VERSION = 1
 
@@ -40,17 +40,34 @@ QUANTIZE_PASSES = ("canonicalize_matmuls", "select_layers", "quantize_linear")
 # quantization-sensitive layer of a causal LM (it is also tied to the embedding in SmolLM2).
 DEFAULT_SKIP = ("*embed*", "lm_head", "*.lm_head")
 GROUP_SIZES = (32, 64, 128)
+# group_size="auto": per layer, the largest of GROUP_SIZES that divides its in_features
+GROUP_SIZE_AUTO = "auto"
 
 
-def group_size_advice(k: int, group_size: int, sizes: tuple[int, ...] = GROUP_SIZES) -> str:
+def resolve_group_size(k: int | None, group_size: int | str, sizes: tuple[int, ...] = GROUP_SIZES) -> int | str:
+    """A layer's group size: `group_size` itself, or for "auto" the largest of `sizes` that divides
+    k (its in_features). Where none does, the largest size, which the layer's check then declines
+    with group_size_advice."""
+    if group_size != GROUP_SIZE_AUTO:
+        return group_size
+    return next((g for g in sorted(sizes, reverse=True) if k and k % g == 0), max(sizes))
+
+
+def group_size_advice(k: int, group_size: int, sizes: tuple[int, ...] = GROUP_SIZES, auto: bool = True) -> str:
     """Why a layer with in_features k can't take int4 groups of `group_size`, and what would: the
-    supported sizes that divide k (SmolLM2's 576 takes 64, not the preset's 128)."""
+    supported sizes that divide k (SmolLM2's 576 takes 64, not the preset's 128), and "auto"
+    where the form takes it."""
     fits = [g for g in sorted(sizes, reverse=True) if k % g == 0 and g % 2 == 0]
     head = f"in_features K={k} is not divisible by group_size={group_size}; "
     if not fits:
         return head + f"no supported group size ({', '.join(map(str, sizes))}) divides K, so it stays float"
     others = f" (or {', '.join(map(str, fits[1:]))})" if len(fits) > 1 else ""
-    return head + f"group_size={fits[0]}{others} divides K (set it for the recipe, or for these layers in overrides)"
+    hint = "set it for the recipe or in overrides"
+    if auto:
+        hint += f", or group_size={GROUP_SIZE_AUTO!r}: per layer, the largest that divides K"
+    return head + f"group_size={fits[0]}{others} divides K ({hint})"
+
+
 ROTATIONS = (None, "online", "offline", "auto")
 ADAPTERS = (None, "gralora", "lora")
 # Adapter recipes: lower_adapters also runs on the Dynamo graph, before AOTAutograd (so the
@@ -69,7 +86,7 @@ class LayerOverride:
 
     glob: str
     form: str | None = None
-    group_size: int | None = None
+    group_size: int | str | None = None
     symmetric: bool | None = None
     keep_float: bool = False
 
@@ -87,7 +104,7 @@ class Recipe:
     name: str
     passes: tuple[str, ...]
     form: str | None = None
-    group_size: int = 128
+    group_size: int | str = 128  # or "auto" (GROUP_SIZE_AUTO)
     symmetric: bool = True
     # int4 scales: "none" = plain amax round-to-nearest; "mse" = per-group clip ratio with the
     # least squared weight error (helps w4a16 g64 on SmolLM2 a lot, hurts g128); "grid" = per
@@ -172,15 +189,17 @@ class Recipe:
         from qhl.passes.lowrank_rules import validate_recipe as _validate_lowrank
 
         _validate_lowrank(self)
-        if self.form == "w4a16" and self.group_size not in GROUP_SIZES:
+        valid_groups = (*GROUP_SIZES, GROUP_SIZE_AUTO)
+        if self.form == "w4a16" and self.group_size not in valid_groups:
             raise RecipeError(
-                f"group_size={self.group_size} is not supported; valid: {list(GROUP_SIZES)}"
+                f"group_size={self.group_size!r} is not supported; valid: {list(valid_groups)} "
+                "('auto': per layer, the largest that divides its in_features)"
             )
         for o in self.overrides:
             if o.form is not None and o.form not in FORMS:
                 raise RecipeError(f"override {o.glob!r}: unknown form {o.form!r}; valid forms: {sorted(FORMS)}")
-            if o.group_size is not None and o.group_size not in GROUP_SIZES:
-                raise RecipeError(f"override {o.glob!r}: group_size={o.group_size}; valid: {list(GROUP_SIZES)}")
+            if o.group_size is not None and o.group_size not in valid_groups:
+                raise RecipeError(f"override {o.glob!r}: group_size={o.group_size!r}; valid: {list(valid_groups)}")
         from qhl.passes import PASSES  # the one ordered registry of pass names
 
         unknown = [p for p in self.passes if p not in PASSES]

@@ -50,6 +50,7 @@ class LayerRow:
     onnx_ops: list[str] = field(default_factory=list)
     rotation: str | None = None  # what the rotation passes did to this layer
     rotation_reason: str | None = None  # why they left it unrotated
+    group_size: int | None = None  # int4 groups along K (group-wise forms only)
 
     @classmethod
     def from_info(cls, info: MatmulInfo) -> LayerRow:
@@ -69,6 +70,7 @@ class LayerRow:
             onnx_ops=_onnx_ops(info.form),
             rotation=info.rotation,
             rotation_reason=info.rotation_reason,
+            group_size=info.knobs.get("group_size") if info.form in GROUPED_FORMS else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,6 +78,9 @@ class LayerRow:
         d["x_shape"] = list(self.x_shape)
         d["sqnr_db"] = _json_float(d["sqnr_db"])
         return d
+
+
+GROUPED_FORMS = ("w4a16", "lr-w4a16", "gralora-w4a16", "lora-w4a16")  # forms whose int4 weight is group-wise
 
 
 def _onnx_ops(form: str | None) -> list[str]:
@@ -205,7 +210,7 @@ def _table(rows: list[LayerRow]) -> str:
             r.path,
             r.op,
             f"{r.in_features}->{r.out_features}" if r.in_features else "-",
-            r.form or "float",
+            (f"{r.form} g{r.group_size}" if r.group_size else r.form) if r.form else "float",
             _db(r.sqnr_db),
             f"{r.weight_bytes_before}->{r.weight_bytes_after}" if r.weight_bytes_before else "-",
             *((r.rotation or "-",) if rotated else ()),

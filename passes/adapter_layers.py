@@ -22,7 +22,7 @@ from qhl.codegen import quant
 from qhl.graph import MATMUL_META, MatmulInfo, WeightRef, matmul_infos, module_path_of, val, weight_source
 from qhl.passes.base import PassResult
 from qhl.passes.lower_adapters import ADAPTER_META, DECLINED_META, FUSED_OPS, GRAPH_KIND_META
-from qhl.recipes import Recipe, group_size_advice
+from qhl.recipes import Recipe, group_size_advice, resolve_group_size
 from qhl.runtime.packed import PackedWeight, record_packed
 
 __all__ = ["adapter_layers", "MERGED_META"]
@@ -84,7 +84,7 @@ def _pack_base(gm: fx.GraphModule, node: fx.Node, info: MatmulInfo, recipe: Reci
 
     if info.weight is None:
         return "the base weight is not a model parameter; it stays float"
-    g = recipe.group_size
+    g = resolve_group_size(info.in_features, recipe.group_size)
     if info.in_features % g:
         return f"base kept float: {group_size_advice(info.in_features, g)}"
     knobs = {"group_size": g, "symmetric": recipe.symmetric, "weight_clip": recipe.weight_clip}

@@ -107,7 +107,7 @@ def check_lr_w4a16(info: Any, knobs: dict[str, Any]) -> str | None:
     if not n_in or not n_out:
         return "empty weight"
     if n_in % g or g % 2:
-        return group_size_advice(n_in, g, LOWRANK_GROUP_SIZES)
+        return group_size_advice(n_in, g, LOWRANK_GROUP_SIZES, auto=False)
     if _lr_rank(n_out, n_in, knobs) < 0:
         return (
             f"budget={knobs['budget']} of the float16 weight ({2 * n_out * n_in} B) is smaller than the "

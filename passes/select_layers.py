@@ -14,7 +14,7 @@ from torch import fx
 
 from qhl.graph import FLOAT_DTYPES, matmul_infos
 from qhl.passes.base import PassResult
-from qhl.recipes import Recipe
+from qhl.recipes import Recipe, resolve_group_size
 
 __all__ = ["select_layers"]
 
@@ -45,7 +45,10 @@ def select_layers(gm: fx.GraphModule, recipe: Recipe) -> PassResult:
                 changed = True
             stats["kept_float"] += 1
             continue
-        info.knobs, info.selected = dict(knobs), True
+        knobs = dict(knobs)
+        if "group_size" in knobs:  # "auto" -> this layer's size (in_features known here, not in the recipe)
+            knobs["group_size"] = resolve_group_size(info.in_features, knobs["group_size"])
+        info.knobs, info.selected = knobs, True
         changed = True
         stats["selected"] += 1
     return PassResult(gm, changed, stats)

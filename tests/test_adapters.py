@@ -509,3 +509,13 @@ def test_lower_adapters_declines_an_unknown_variant():
     assert be.dynamo_graphs[0].passes[0].stats["declined"] == 1
     assert GRALORA_OP not in _compiled_targets(be)
 
+
+
+def test_gralora_w4a16_base_takes_group_size_auto():
+    """group_size="auto" resolves per layer for the int4 base too: 96 input features -> groups of 32."""
+    model = qhl.prepare(QV(d=96, odd=96), "gralora-w4a16", r=8, k=2)
+    be = qhl.backend("gralora-w4a16", group_size="auto")
+    with torch.no_grad():
+        torch.compile(model, backend=be)(torch.randn(2, 3, 96))
+    groups = {i.path: i.knobs.get("group_size") for g in be.graphs for i in g.layers if i.form}
+    assert groups == {"q_proj": 32, "v_proj": 32}

@@ -400,7 +400,7 @@ def test_quantize_declines_k_not_divisible_by_group_size():
     assert info.form is None and not info.selected
     assert info.reason == (
         "in_features K=96 is not divisible by group_size=64; "
-        "group_size=32 divides K (set it for the recipe, or for these layers in overrides)"
+        "group_size=32 divides K (set it for the recipe or in overrides, or group_size='auto': per layer, the largest that divides K)"
     )
     _lossless(before, res.gm)
     _idempotent(quantize_linear, res.gm)

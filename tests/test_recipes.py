@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import qhl
 from qhl.recipes import DEFAULT_SKIP, GROUP_SIZES, KNOBS, LayerOverride, Recipe
@@ -159,3 +160,25 @@ def test_group_size_advice_names_the_sizes_that_fit(k, g, sizes, advice):
 
     text = group_size_advice(k, g, sizes or GROUP_SIZES)
     assert text.startswith(f"in_features K={k} is not divisible by group_size={g}; ") and advice in text
+
+
+def test_group_size_auto_picks_the_largest_size_that_divides_each_layer():
+    """group_size="auto": per layer, the largest of 32/64/128 that divides its in_features (SmolLM2:
+    g64 on the 576-wide layers, g128 on down_proj's 1536); the report's table shows it; a K no
+    size divides is declined with the advice; the recipe round-trips through JSON; a form
+    without "auto" (lr-w4a16) and an unknown value are RecipeErrors naming the valid ones."""
+    model = torch.nn.Sequential(torch.nn.Linear(96, 128), torch.nn.Linear(128, 100), torch.nn.Linear(100, 8))
+    report = qhl.inspect(model, (torch.randn(2, 96),), recipe="w4a16", group_size="auto")
+    rows = {r.path: r for r in report.layers}
+    assert (rows["0"].form, rows["0"].group_size) == ("w4a16", 32)
+    assert (rows["1"].form, rows["1"].group_size) == ("w4a16", 128)
+    assert rows["2"].form is None and "no supported group size (32, 64, 128) divides K" in rows["2"].reason
+    table = str(report)
+    assert "w4a16 g32" in table and "w4a16 g128" in table
+    r = qhl.recipe("w4a16", group_size="auto", overrides=[{"glob": "1", "group_size": 64}])
+    assert Recipe.from_json(r.to_json()) == r
+    assert qhl.inspect(model, (torch.randn(2, 96),), recipe=r).layers[1].group_size == 64
+    with pytest.raises(qhl.RecipeError, match="'auto'"):
+        qhl.recipe("w4a16", group_size=48)
+    with pytest.raises(qhl.RecipeError, match="not supported by lr-w4a16"):
+        qhl.recipe("lr-w4a16", group_size="auto")

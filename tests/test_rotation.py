@@ -307,7 +307,7 @@ def test_online_rotation_skips_layers_the_form_leaves_float():
     assert rows["fc1"].form is None and rows["fc1"].rotation is None
     assert rows["fc1"].rotation_reason == (
         "online rotation skipped: w4a16 leaves this layer float (in_features K=96 is not divisible by "
-        "group_size=128; group_size=32 divides K (set it for the recipe, or for these layers in overrides))"
+        "group_size=128; group_size=32 divides K (set it for the recipe or in overrides, or group_size='auto': per layer, the largest that divides K))"
     )
     assert rows["fc2"].form == "w4a16" and rows["fc2"].rotation == "online H128"
     hadamards = [n for n in report.graph_module.graph.nodes if n.target == torch.ops.qhl.hadamard.default]
