@@ -113,6 +113,33 @@ TILES: dict[tuple[str, str, str], tuple[int, int]] = {
 TILE_NAMES = ("wide", "decode")
 
 
+# The opening of every GEMM template's kernel body after its signature (w8a8, w8a8-tensor, w8a16,
+# w4a16): the sizes baked in at codegen, then the [BLOCK_M, BLOCK_N] tile of y a program computes
+# and its offsets and masks. `extra_constants`: further constexpr lines ("" for none).
+GEMM_TILE_PROLOGUE = '''    # --- specialisation (baked in by qhl codegen) ---
+    K: tl.constexpr = {K}
+    N: tl.constexpr = {N}
+{extra_constants}    BLOCK_N: tl.constexpr = {block_n}
+    BLOCK_K: tl.constexpr = {block_k}
+
+    # --- the [BLOCK_M, BLOCK_N] tile of y this program computes ---
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+'''
+
+
+def gemm_fields(spec: KernelSpec) -> dict[str, Any]:
+    """The format fields every GEMM template takes from its spec (GEMM_TILE_PROLOGUE's and the
+    K masks of its x and W loads); each family adds its own."""
+    return dict(name=spec.name, K=spec.K, N=spec.N, block_n=spec.block_n, block_k=spec.block_k,
+                x_kmask=k_mask(spec, "offs_k[None, :]"), w_kmask=k_mask(spec, "offs_k[:, None]"))
+
+
 def tile_for(m: int) -> str:
     """The tile class of a launch over m tokens (rows of x)."""
     return "decode" if m <= DECODE_MAX_M else "wide"

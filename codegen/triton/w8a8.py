@@ -39,20 +39,7 @@ def {name}(
     stride_ym, stride_yn,
 {split_strides}    BLOCK_M: tl.constexpr,  # chosen at launch from M, the only size not known at codegen
 {split_constexpr}):
-    # --- specialisation (baked in by qhl codegen) ---
-    K: tl.constexpr = {K}
-    N: tl.constexpr = {N}
-    BLOCK_N: tl.constexpr = {block_n}
-    BLOCK_K: tl.constexpr = {block_k}
-
-    # --- the [BLOCK_M, BLOCK_N] tile of y this program computes ---
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+''' + emit.GEMM_TILE_PROLOGUE + '''\
 {loop_start}    # Wq is [N, K]: read it as its transpose [BLOCK_K, BLOCK_N], K contiguous, no copy.
     xq_ptrs = xq_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k[None, :]) * stride_xk
     w_ptrs = w_ptr + (k_start + offs_k[:, None]) * stride_wk + offs_n[None, :] * stride_wn
@@ -82,13 +69,8 @@ def render(spec: emit.KernelSpec) -> str:
     """Prologue (per-token quant for this K) + GEMM (this K, N, blocks, epilogue, dtype)."""
     quant_spec = emit.make_spec("per_token_quant", spec.K, dtype=spec.dtype)
     return per_token_quant.render_kernel(quant_spec, f"{spec.name}_quant") + TEMPLATE.format(
-        name=spec.name,
-        K=spec.K,
-        N=spec.N,
-        block_n=spec.block_n,
-        block_k=spec.block_k,
-        x_kmask=emit.k_mask(spec, "offs_k[None, :]"),
-        w_kmask=emit.k_mask(spec, "offs_k[:, None]"),
+        **emit.gemm_fields(spec),
+        extra_constants="",
         split_args=split_k.MAIN_ARGS,
         split_strides=split_k.MAIN_STRIDES,
         split_constexpr=split_k.SPLIT_CONSTEXPR,

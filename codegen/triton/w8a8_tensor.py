@@ -172,20 +172,7 @@ def {name}(
     stride_ym, stride_yn,
     BLOCK_M: tl.constexpr,  # chosen at launch from M, the only size not known at codegen
 ):
-    # --- specialisation (baked in by qhl codegen) ---
-    K: tl.constexpr = {K}
-    N: tl.constexpr = {N}
-    BLOCK_N: tl.constexpr = {block_n}
-    BLOCK_K: tl.constexpr = {block_k}
-
-    # --- the [BLOCK_M, BLOCK_N] tile of y this program computes ---
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+''' + emit.GEMM_TILE_PROLOGUE + '''\
     # Wq is [N, K]: read it as its transpose [BLOCK_K, BLOCK_N], K contiguous, no copy.
     xq_ptrs = xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
@@ -231,13 +218,8 @@ def render(spec: emit.KernelSpec) -> str:
         x_kmask="" if spec.K % quant_block_k == 0 else " & (offs_k[None, :] < K - k0)",
     )
     return prologue + TEMPLATE.format(
-        name=spec.name,
-        K=spec.K,
-        N=spec.N,
-        block_n=spec.block_n,
-        block_k=spec.block_k,
-        x_kmask=emit.k_mask(spec, "offs_k[None, :]"),
-        w_kmask=emit.k_mask(spec, "offs_k[:, None]"),
+        **emit.gemm_fields(spec),
+        extra_constants="",
         epilogue=emit.render_epilogue(spec),
     )
 

@@ -38,20 +38,7 @@ def {name}(
     stride_ym, stride_yn,
 {split_strides}    BLOCK_M: tl.constexpr,  # chosen at launch from M, the only size not known at codegen
 {split_constexpr}):
-    # --- specialisation (baked in by qhl codegen) ---
-    K: tl.constexpr = {K}
-    N: tl.constexpr = {N}
-{extra_constants}    BLOCK_N: tl.constexpr = {block_n}
-    BLOCK_K: tl.constexpr = {block_k}
-
-    # --- the [BLOCK_M, BLOCK_N] tile of y this program computes ---
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+''' + emit.GEMM_TILE_PROLOGUE + '''\
 {loop_start}    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k[None, :]) * stride_xk
 '''
 
@@ -141,17 +128,11 @@ def render(spec: emit.KernelSpec) -> str:
     else:
         raise KernelError(f"weight_only renders w8a16 and w4a16, not {spec.family!r}")
     return template.format(
-        name=spec.name,
-        K=spec.K,
-        N=spec.N,
-        block_n=spec.block_n,
-        block_k=spec.block_k,
+        **emit.gemm_fields(spec),
         dot_dtype=spec.dot_dtype,
         # In the interpreter bf16 dots are wrong (triton#11584): dot bf16 x as fp32 there.
         x_cast=".to(tl.float32)" if spec.dot_dtype != spec.tl_dtype else "",
         precision=spec.dot_precision,
-        x_kmask=emit.k_mask(spec, "offs_k[None, :]"),
-        w_kmask=emit.k_mask(spec, "offs_k[:, None]"),
         split_args=split_k.MAIN_ARGS,
         split_strides=split_k.MAIN_STRIDES,
         split_constexpr=split_k.SPLIT_CONSTEXPR,
