@@ -62,6 +62,10 @@ def _set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
     owner = gm
     for part in parents:
         owner = getattr(owner, part)
+    if isinstance(getattr(owner, leaf, None), torch.nn.Parameter):
+        # torch.export's graph modules (qhl.inspect's) hold biases as parameters, and a module
+        # refuses a plain tensor in a parameter's place; the view stays one (same storage)
+        value = torch.nn.Parameter(value, requires_grad=False)
     setattr(owner, leaf, value)
 
 

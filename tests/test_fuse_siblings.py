@@ -315,3 +315,17 @@ def test_siblings_sharing_a_packed_buffer_are_declined():
     assert sorted(n.name for n, r in declined if r == "it shares a packed buffer with a sibling") == sorted(
         [q.name, k.name, v.name])
 
+
+
+def test_fuses_qhl_inspects_exported_graph_whose_biases_are_parameters():
+    """qhl.inspect's graph comes from torch.export, which keeps biases as parameters: fusing it
+    makes the parameters row views of the concatenation (a module takes no plain tensor in a
+    parameter's place) and computes the same output."""
+    torch.manual_seed(0)
+    model, x = _Attention(bias=True).eval(), torch.randn(2, 5, 64)
+    gm = qhl.inspect(model, (x,), recipe="w8a16").graph_module
+    before = gm(x)
+    result = fuse_sibling_linears(gm)
+    assert result.changed and dict(result.stats)["fused_linears"] == 3
+    after = result.gm(x)
+    assert torch.equal(after[0] if isinstance(after, tuple) else after, before[0] if isinstance(before, tuple) else before)
