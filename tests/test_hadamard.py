@@ -304,7 +304,9 @@ def test_hadamard_decomposition_in_inductors_graph(n, b, transpose):
     assert torch.equal(hadamard_decomposed(x, b, transpose), want)
     torch._dynamo.reset()
     assert torch.equal(torch.compile(lambda t: hadamard_decomposed(t, b, transpose), backend="inductor")(x), want)
-    assert hadamard_decomposed(x.bfloat16(), b, transpose, False) is NotImplemented
+    xb = x.bfloat16()  # computed in float32 (fp32=True), returned in x's dtype, as the spec
+    assert torch.equal(hadamard_decomposed(xb, b, transpose), hadamard_spec(xb, b, transpose))
+    assert hadamard_decomposed(xb, b, transpose, False) is NotImplemented
 
 
 @pytest.mark.parametrize("bits", [8, 4])
