@@ -141,9 +141,9 @@ def _transform_rows(x2: Tensor, b: int, transpose: bool, in_graph: bool = False)
         if z.numel() * k < _TINY_NUMEL:  # tiny: broadcast multiply-sum, no BLAS call
             # Summed in float64, then rounded once: each term is ±z (exact), and float64 holds
             # the sum of k <= 172 float32 values exactly unless their magnitudes span more than
-            # 2^21 (24 + 8 + 21 = 53 bits), so the order of the additions does not matter. That is what lets the
-            # decomposition (in_graph: Inductor's loop) compute the eager spec's floats bit for
-            # bit; a float32 sum's order differs between eager torch.sum and Inductor (1 ulp).
+            # 2^21 (24 + 8 + 21 = 53 bits), so the order of the additions does not matter. That
+            # lets the decomposition (in_graph: Inductor's loop) compute the eager spec's floats
+            # bit for bit; a float32 sum's order differs between eager torch.sum and Inductor.
             terms = a_mat[:, :, None] * zk[:, None, :, :]
             z = terms.double().sum(dim=2).to(terms.dtype).reshape(-1)
         else:
@@ -275,7 +275,8 @@ def hadamard_quantize_per_token_decomposed(x: Tensor, block_size: int, bits: int
         return NotImplemented
     _check_quant_args(block_size, bits)
     x2 = x.reshape(-1, x.shape[-1])
-    codes, scale = per_token_codes_decomposed(x2.float() if block_size == -1 else rotate_rows_decomposed(x2, block_size), bits)
+    v = x2.float() if block_size == -1 else rotate_rows_decomposed(x2, block_size)
+    codes, scale = per_token_codes_decomposed(v, bits)
     return codes.to(torch.int8).view(x.shape), scale.view(*x.shape[:-1], 1)
 
 

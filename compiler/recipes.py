@@ -59,7 +59,8 @@ def group_size_advice(k: int, group_size: int, sizes: tuple[int, ...] = GROUP_SI
     where the form takes it."""
     fits = [g for g in sorted(sizes, reverse=True) if k % g == 0 and g % 2 == 0]
     if not fits:  # (whatever was asked for, "auto" included)
-        return f"in_features K={k} is not divisible by any supported group size ({', '.join(map(str, sizes))}), so it stays float"
+        listed = ", ".join(map(str, sizes))
+        return f"in_features K={k} is not divisible by any supported group size ({listed}), so it stays float"
     head = f"in_features K={k} is not divisible by group_size={group_size}; "
     others = f" (or {', '.join(map(str, fits[1:]))})" if len(fits) > 1 else ""
     hint = "set it for the recipe or in overrides"
