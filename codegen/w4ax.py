@@ -116,17 +116,19 @@ def w4ax_linear_spec(
 
 def _decomposed(bits: int):
     """The spec in aten ops for Inductor's whole-graph CPU codegen (runtime/inductor_cpu.py), on
-    a CPU without AMX at a static 1-4 tokens: the per-token prologue (unrotated: in aten ops;
-    rotated: the qhl::hadamard_quantize_per_token call), then the bit-mask GEMV straight over the
-    packed int4 codes (cpu_fused.int4_bits_dot_graph, one group of K, zero point 8: the CPU face's
-    exact products and float32 sums, without its cached int8 codes) and the epilogue
-    (acc * s_w) * s_x (+ b). Everything else declines with NotImplemented and keeps the CPU face
-    (with AMX: its int8 GEMM on cached codes, the one measured there).
+    a CPU without AMX at a static 1-4 tokens: the per-token prologue in aten ops (rotated first,
+    by the rotation's own GEMMs and sums: hadamard.rotate_rows_decomposed, the spec's floats),
+    then the bit-mask GEMV straight over the packed int4 codes (cpu_fused.int4_bits_dot_graph,
+    one group of K, zero point 8: the CPU face's exact products and float32 sums, without its
+    cached int8 codes) and the epilogue (acc * s_w) * s_x (+ b). Everything else declines with
+    NotImplemented and keeps the CPU face (with AMX: its int8 GEMM on cached codes, the one
+    measured there).
 
     With AVX-512 VNNI too (Zen 5 EPYC, 2 threads), against the face's int8 GEMV on cached codes,
     bit-identical: 4 x 4096^2 layers 1.24 against 2.92 ms at 1 token, 3.67 against 5.63 at 4 (w4a8;
     w4a4 alike); one layer at 1 token 0.05-0.11 against 0.11-0.17 ms from 576 x 576 to 2048^2, and
-    0.15-0.21 against 0.18-0.23 ms rotated (hadamard-w4a8)."""
+    0.15-0.21 against 0.18-0.23 ms rotated (hadamard-w4a8, when the rotation was an op call; in
+    the graph: benchmarks/results/w4ax_speed_cpu_zen5_hadamard_in_graph.md)."""
 
     def decomposed(
         x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], hadamard_block: int = -1
