@@ -73,6 +73,13 @@ class LayerRow:
             group_size=info.knobs.get("group_size") if info.form in GROUPED_FORMS else None,
         )
 
+    @property
+    def form_label(self) -> str:
+        """The form as the report shows it: "float", "w8a8", or with its int4 groups "w4a16 g64"."""
+        if not self.form:
+            return "float"
+        return f"{self.form} g{self.group_size}" if self.group_size else self.form
+
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["x_shape"] = list(self.x_shape)
@@ -210,7 +217,7 @@ def _table(rows: list[LayerRow]) -> str:
             r.path,
             r.op,
             f"{r.in_features}->{r.out_features}" if r.in_features else "-",
-            (f"{r.form} g{r.group_size}" if r.group_size else r.form) if r.form else "float",
+            r.form_label,
             _db(r.sqnr_db),
             f"{r.weight_bytes_before}->{r.weight_bytes_after}" if r.weight_bytes_before else "-",
             *((r.rotation or "-",) if rotated else ()),

@@ -48,7 +48,7 @@ def render_html(report: Report) -> str:
         parts.append(
             f"<tr class='{'q' if r.form else 'float'}'><td>{_e(r.path)}</td><td>{_e(r.op)}</td>"
             f"<td>{_e(list(r.x_shape))}</td><td>{_e(r.in_features)}&rarr;{_e(r.out_features)}</td>"
-            f"<td>{_e(r.form or 'float')}</td><td>{_html_db(r.sqnr_db)}</td><td>{r.weight_bytes_before:,}</td>"
+            f"<td>{_e(r.form_label)}</td><td>{_html_db(r.sqnr_db)}</td><td>{r.weight_bytes_before:,}</td>"
             f"<td>{r.weight_bytes_after:,}</td><td>{_e(r.reason or '')}</td></tr>"
         )
     parts.append("</table><h2>Passes</h2>")

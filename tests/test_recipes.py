@@ -176,6 +176,7 @@ def test_group_size_auto_picks_the_largest_size_that_divides_each_layer():
         "in_features K=100 is not divisible by any supported group size (32, 64, 128), so it stays float")
     table = str(report)
     assert "w4a16 g32" in table and "w4a16 g128" in table
+    assert "<td>w4a16 g32</td>" in report.to_html()
     r = qhl.recipe("w4a16", group_size="auto", overrides=[{"glob": "1", "group_size": 64}])
     assert Recipe.from_json(r.to_json()) == r
     assert qhl.inspect(model, (torch.randn(2, 96),), recipe=r).layers[1].group_size == 64
