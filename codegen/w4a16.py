@@ -67,7 +67,9 @@ def _tile_rows(m: int, n: int, k: int) -> int:
 # the tiled path's row-major output, below) and eager float32's 19-23 ms; at 16 the two tie (22 ms).
 CPU_GEMV_CACHE = True
 GEMV_MAX_TOKENS = 8
-_unpacked = DerivedCache(lambda packed: quant.unpack_int4(packed).contiguous())
+# in_place: compiled graphs hold it as a constant too (passes/w4a16_codes_gemv.py); a re-pack derives
+# it again into the same tensor
+_unpacked = DerivedCache(lambda packed: quant.unpack_int4(packed).contiguous(), in_place=True)
 # whether every zero point is 8 (symmetric weights), once per zero-point buffer
 _all_eight = DerivedCache(lambda zero: bool((zero == 8).all()))
 

@@ -37,7 +37,8 @@ __all__ = ["QhlBackend", "CompiledGraph", "backend", "qhl_backend"]
 log = logging.getLogger(__name__)
 
 # The recipe knob that turns each codegen pass on.
-_CODEGEN_KNOBS = {"fuse_sibling_linears": "fuse_siblings", "float_codes_gemm": "float_gemm"}
+_CODEGEN_KNOBS = {"fuse_sibling_linears": "fuse_siblings", "float_codes_gemm": "float_gemm",
+                  "w4a16_codes_gemv": "codes_gemv"}
 
 
 @dataclass

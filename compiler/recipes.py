@@ -160,6 +160,9 @@ class Recipe:
     # graph as a float32 GEMM over the codes, fused with its neighbours (passes/float_codes_gemm.py):
     # faster calls, a longer first compile.
     float_gemm: bool = True
+    # On a CPU with a fast int8 GEMM: w4a16 at 1-8 tokens written into Inductor's graph as the face's
+    # GEMV over its unpacked codes where Inductor's own decomposition declines (passes/w4a16_codes_gemv.py).
+    codes_gemv: bool = True
     version: int = RECIPE_VERSION
     description: str = ""
 
@@ -394,7 +397,7 @@ KNOBS = (
     "rotation", "hadamard_block", "hadamard_seed", "hadamard_dtype",
     "adapter", "r", "k", "hybrid_r", "alpha", "dropout",
     "budget", "rank", "lowrank_k", "lowrank_iters", "cpu_codegen",
-    "fuse_siblings", "float_gemm",
+    "fuse_siblings", "float_gemm", "codes_gemv",
 )
 
 

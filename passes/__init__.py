@@ -20,6 +20,7 @@ from qhl.passes.quantize_linear import quantize_linear
 from qhl.passes.rotate_online import rotate_online
 from qhl.passes.rotate_residual import rotate_residual
 from qhl.passes.select_layers import select_layers
+from qhl.passes.w4a16_codes_gemv import w4a16_codes_gemv
 
 __all__ = ["PASSES", "PassResult", "GraphPass", "bind", "LOSSLESS", "PRE_AOT", "CODEGEN", "INDUCTOR_ONLY"]
 
@@ -36,6 +37,7 @@ PASSES = {
     # Codegen only (CODEGEN): the torch.compile door runs them on inference graphs; recipes don't list them.
     "fuse_sibling_linears": fuse_sibling_linears,  # q/k/v (gate/up) reading one x -> one qhl linear + slices
     "float_codes_gemm": float_codes_gemm,  # int8-GEMM forms at many tokens, no fast int8 GEMM -> aten ops
+    "w4a16_codes_gemv": w4a16_codes_gemv,  # w4a16 at 1-8 tokens, fast int8 GEMM -> GEMV over its codes, aten ops
 }
 _NEEDS_RECIPE = {"select_layers", "rotate_residual", "rotate_online", "adapter_layers"}
 # Passes the torch.compile door also runs on Dynamo's torch-level graph, before AOTAutograd
@@ -43,9 +45,10 @@ _NEEDS_RECIPE = {"select_layers", "rotate_residual", "rotate_online", "adapter_l
 PRE_AOT = ("lower_adapters",)
 # Passes the torch.compile door runs on an inference graph after the layer table is taken, just
 # before Inductor compiles it or it runs op by op: they change how, not what, it computes. Those in
-# INDUCTOR_ONLY write aten ops that only pay off compiled. Recipe knobs fuse_siblings and float_gemm.
-CODEGEN = ("fuse_sibling_linears", "float_codes_gemm")
-INDUCTOR_ONLY = frozenset({"float_codes_gemm"})
+# INDUCTOR_ONLY write aten ops that only pay off compiled. Recipe knobs fuse_siblings, float_gemm and
+# codes_gemv.
+CODEGEN = ("fuse_sibling_linears", "float_codes_gemm", "w4a16_codes_gemv")
+INDUCTOR_ONLY = frozenset({"float_codes_gemm", "w4a16_codes_gemv"})
 # Passes that must not change the graph's numbers (verify mode checks them with a tight tolerance).
 # 80 dB: float32 accumulation-order noise. Rotations are exact in real arithmetic and only move
 # float32 rounding: they are held to the same floor.

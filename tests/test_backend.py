@@ -89,8 +89,10 @@ def test_backend_object_picks_recipe_and_exposes_layers():
     assert _forms(be.graphs[-1]) == ["w4a16", "w4a16", None]
     assert layers[0].knobs["group_size"] == 64
     assert layers[2].reason == "in the recipe's skip list ('lm_head')"
-    # The recipe's passes, then the codegen passes (nothing to fuse here, and no w8a8 to lower).
-    codegen = ["fuse_sibling_linears", "float_codes_gemm"] if be.graphs[-1].codegen == "inductor" else ["fuse_sibling_linears"]
+    # The recipe's passes, then the codegen passes (nothing to fuse here, no w8a8 to lower, and 16
+    # tokens are more than w4a16_codes_gemv's 8).
+    codegen = (["fuse_sibling_linears", "float_codes_gemm", "w4a16_codes_gemv"] if be.graphs[-1].codegen == "inductor"
+               else ["fuse_sibling_linears"])
     assert [p.name for p in be.graphs[-1].passes] == [*qhl.recipe("w4a16").passes, *codegen]
     assert not any(p.changed for p in be.graphs[-1].passes[len(qhl.recipe("w4a16").passes):])
     ops = [n.target for n in be.graphs[-1].gm.graph.nodes if n.op == "call_function"]

@@ -825,9 +825,10 @@ def test_w8a16_gemv_reads_a_realized_activation(int8_gemm):
 @pytest.mark.parametrize("amx, group", [(False, 128), (True, 128), (False, 64)])
 def test_w4a16_bits_gemv_is_lowered_with_a_fast_int8_gemm_for_large_groups(amx, group, monkeypatch, int8_gemm):
     """With a fast int8 GEMM and no AMX, w4a16 g128 at 1-4 tokens is the bit-mask GEMV inside
-    Inductor's graph (no qhl::w4a16_linear call left; faster than the face's cached-code GEMV and
-    without its unpacked codes). With AMX, or with g64 (whose 8-lane groups measured slower there),
-    it stays a call to the face. All equal the op-by-op graph."""
+    Inductor's graph (faster than the face's cached-code GEMV and without its unpacked codes). With
+    AMX, or with g64 (whose 8-lane groups measured slower there), it is the face's cached-code
+    GEMV instead, written into the graph by w4a16_codes_gemv. No qhl::w4a16_linear call is left
+    either way; all equal the op-by-op graph."""
     from qhl.codegen import w4a16
     from torch._inductor.utils import run_and_get_code
 
@@ -841,9 +842,10 @@ def test_w4a16_bits_gemv_is_lowered_with_a_fast_int8_gemm_for_large_groups(amx, 
     be = qhl.backend("w4a16", group_size=group)
     with torch.no_grad():
         out, codes = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
-    calls = "\n".join(codes).count("torch.ops.qhl.w4a16_linear.default(")
-    lowered = not amx and group >= w4a16.FAST_INT8_BITS_MIN_GROUP
-    assert calls == (0 if lowered else 2)
+    assert "\n".join(codes).count("torch.ops.qhl.w4a16_linear.default(") == 0
+    bits = not amx and group >= w4a16.FAST_INT8_BITS_MIN_GROUP
+    [record] = [p for p in be.graphs[0].passes if p.name == "w4a16_codes_gemv"]
+    assert record.stats == {"lowered": 0 if bits else 2, "kept": 2 if bits else 0}
     assert _rel_err(out, ref) < 1e-5
 
 

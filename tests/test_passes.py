@@ -424,11 +424,12 @@ def test_registry_order_and_meta_key():
     assert list(PASSES) == [
         "lower_adapters", "merge_adapters", "canonicalize_matmuls", "select_layers", "rotate_residual",
         "rotate_online", "quantize_linear", "fold_weight_transforms", "adapter_layers", "fuse_sibling_linears",
-        "float_codes_gemm",
+        "float_codes_gemm", "w4a16_codes_gemv",
     ]
     assert PRE_AOT == ("lower_adapters",)
-    # run by the torch.compile door on inference graphs (the second only before Inductor), listed by no recipe
-    assert CODEGEN == ("fuse_sibling_linears", "float_codes_gemm") and INDUCTOR_ONLY == {"float_codes_gemm"}
+    # run by the torch.compile door on inference graphs (the last two only before Inductor), listed by no recipe
+    assert CODEGEN == ("fuse_sibling_linears", "float_codes_gemm", "w4a16_codes_gemv")
+    assert INDUCTOR_ONLY == {"float_codes_gemm", "w4a16_codes_gemv"}
     assert not any(set(CODEGEN) & set(qhl.recipe(name).passes) for name in qhl.recipes())
     assert MATMUL_META == "qhl_matmul"
 
