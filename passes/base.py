@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-__all__ = ["PassResult", "GraphPass", "copy_graph_module"]
+__all__ = ["PassResult", "GraphPass", "copy_graph_module", "inline_graph"]
 
 
 @dataclass(frozen=True)
@@ -33,3 +33,20 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node,
     copy = fx.GraphModule(gm, graph)
     copy.meta = dict(gm.meta)
     return copy, env
+
+
+def inline_graph(graph: fx.Graph, template: fx.GraphModule, args: list) -> fx.Node:
+    """Copy `template`'s nodes into `graph` at its insertion point, its placeholders bound to `args`
+    in order; returns the node its output names (the rewrite of one node into several)."""
+    env: dict[fx.Node, object] = {}
+    placeholders = iter(args)
+    out = None
+    for t in template.graph.nodes:
+        if t.op == "placeholder":
+            env[t] = next(placeholders)
+        elif t.op == "output":
+            out = env[t.args[0]]
+        else:
+            env[t] = graph.node_copy(t, lambda n: env[n])
+    assert out is not None
+    return out

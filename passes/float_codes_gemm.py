@@ -38,7 +38,7 @@ from torch import Tensor, fx
 
 from qhl.codegen import cpu_fused, cpu_onednn, w4ax, w8a8
 from qhl.graph import attr_value, layer_path
-from qhl.passes.base import PassResult, copy_graph_module
+from qhl.passes.base import PassResult, copy_graph_module, inline_graph
 
 __all__ = ["float_codes_gemm", "FLOAT_GEMM_META"]
 
@@ -98,21 +98,6 @@ def _decline(node: fx.Node) -> Optional[str]:
     return None
 
 
-def _inline(graph: fx.Graph, template: fx.GraphModule, args: list[Any]) -> fx.Node:
-    env: dict[fx.Node, Any] = {}
-    placeholders = iter(args)
-    out = None
-    for t in template.graph.nodes:
-        if t.op == "placeholder":
-            env[t] = next(placeholders)
-        elif t.op == "output":
-            out = env[t.args[0]]
-        else:
-            env[t] = graph.node_copy(t, lambda n: env[n])
-    assert out is not None
-    return out
-
-
 def float_codes_gemm(gm: fx.GraphModule) -> PassResult:
     forms = _forms()
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in forms]
@@ -139,7 +124,7 @@ def float_codes_gemm(gm: fx.GraphModule) -> PassResult:
         with gm.graph.inserting_before(node):
             codes = gm.graph.get_attr(buffers[w.target])
             args = [x, codes, w_scale] + ([bias] if bias is not None else [])
-            out = _inline(gm.graph, _template(bias is not None, bits, block), args)
+            out = inline_graph(gm.graph, _template(bias is not None, bits, block), args)
         out.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
         out.meta[FLOAT_GEMM_META] = layer_path(node)
         node.replace_all_uses_with(out)

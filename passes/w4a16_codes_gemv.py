@@ -33,7 +33,7 @@ from torch import Tensor, fx
 
 from qhl.codegen import cpu_fused, cpu_onednn, w4a16
 from qhl.graph import attr_value, layer_path
-from qhl.passes.base import PassResult, copy_graph_module
+from qhl.passes.base import PassResult, copy_graph_module, inline_graph
 
 __all__ = ["w4a16_codes_gemv", "CODES_GEMV_META"]
 
@@ -91,21 +91,6 @@ def _template(n: int, k: int, g: int, lead: tuple[int, ...], dtype: torch.dtype,
     return _TEMPLATES[key]
 
 
-def _inline(graph: fx.Graph, template: fx.GraphModule, args: list[Any]) -> fx.Node:
-    env: dict[fx.Node, Any] = {}
-    placeholders = iter(args)
-    out = None
-    for t in template.graph.nodes:
-        if t.op == "placeholder":
-            env[t] = next(placeholders)
-        elif t.op == "output":
-            out = env[t.args[0]]
-        else:
-            env[t] = graph.node_copy(t, lambda n: env[n])
-    assert out is not None
-    return out
-
-
 def w4a16_codes_gemv(gm: fx.GraphModule) -> PassResult:
     op = torch.ops.qhl.w4a16_linear.default
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
@@ -134,7 +119,7 @@ def w4a16_codes_gemv(gm: fx.GraphModule) -> PassResult:
         template = _template(n, k, g, tuple(val.shape[:-1]), val.dtype, bias is not None)
         with gm.graph.inserting_before(node):
             codes = gm.graph.get_attr(buffers[packed.target])
-            out = _inline(gm.graph, template, [x, codes, scale, zero] + ([bias] if bias is not None else []))
+            out = inline_graph(gm.graph, template, [x, codes, scale, zero] + ([bias] if bias is not None else []))
         out.meta.update({key: v for key, v in node.meta.items() if key in ("val", "stack_trace", "nn_module_stack")})
         out.meta[CODES_GEMV_META] = layer_path(node)
         node.replace_all_uses_with(out)
