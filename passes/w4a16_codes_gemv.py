@@ -1,7 +1,8 @@
 """w4a16_codes_gemv: w4a16 at a few tokens as a GEMV over its unpacked codes, inside Inductor's graph.
 
-    y = qhl.w4a16_linear(x, packed, s, z, g, b)   ->   c = the codes of `packed`, uint8 [N, K] (a constant)
-                                                       y = sum_G s[:, G] * sum_j x[:, G, j] * (c[:, G, j] - z[:, G]) (+ b)
+    y = qhl.w4a16_linear(x, packed, s, z, g, b)
+      ->  c = the codes of `packed`, uint8 [N, K] (a constant of the graph)
+          y = sum_G s[:, G] * sum_j x[:, G, j] * (c[:, G, j] - z[:, G]) (+ b)
 
 On a CPU with a fast int8 GEMM, w4a16's CPU face runs 1-8 tokens (a decode step) as a GEMV over the
 codes unpacked once per weight (codegen/w4a16.py, cpu_fused.int4_gemv). Where Inductor's own w4a16
