@@ -171,6 +171,12 @@ def rotate_rows_decomposed(x2: Tensor, block_size: int) -> Tensor:
     return _transform_rows(x2.float(), b, False, in_graph=True)
 
 
+def _lowerable(x: Tensor) -> bool:
+    """What the decompositions lower: a non-empty CPU tensor of static shape (the spec picks its
+    tiny-K formulation by size, so a symbolic size keeps the op call)."""
+    return x.device.type == "cpu" and all(isinstance(d, int) for d in x.shape) and x.numel() > 0
+
+
 def hadamard_decomposed(x: Tensor, block_size: int = 0, transpose: bool = False, fp32: bool = True):
     """qhl::hadamard in aten ops for Inductor's whole-graph CPU codegen (runtime/inductor_cpu.py):
     the spec's own GEMMs and sums (rotate_rows_decomposed), so the same floats, with Inductor
@@ -178,9 +184,7 @@ def hadamard_decomposed(x: Tensor, block_size: int = 0, transpose: bool = False,
     online rotations of hadamard-w8a8 / hadamard-w4a16, one to four a decoder layer). Declines
     (NotImplemented, the op stays a call) off the CPU, for a symbolic shape (the spec picks its
     tiny-K formulation by size), and for a computation in another dtype than float32."""
-    if x.device.type != "cpu" or not all(isinstance(d, int) for d in x.shape) or x.numel() == 0:
-        return NotImplemented
-    if not fp32 and x.dtype != torch.float32:
+    if not _lowerable(x) or (not fp32 and x.dtype != torch.float32):
         return NotImplemented
     n = x.shape[-1]
     y = _transform_rows(x.reshape(-1, n).float(), resolve_block(n, block_size), transpose, in_graph=True)
@@ -271,7 +275,7 @@ def hadamard_quantize_per_token_decomposed(x: Tensor, block_size: int, bits: int
     (NotImplemented) off the CPU and for a symbolic shape, as hadamard_decomposed."""
     from qhl.codegen.w8a8 import per_token_codes_decomposed
 
-    if x.device.type != "cpu" or not all(isinstance(d, int) for d in x.shape) or x.numel() == 0:
+    if not _lowerable(x):
         return NotImplemented
     _check_quant_args(block_size, bits)
     x2 = x.reshape(-1, x.shape[-1])

@@ -74,6 +74,12 @@ _unpacked = DerivedCache(lambda packed: quant.unpack_int4(packed).contiguous(), 
 _all_eight = DerivedCache(lambda zero: bool((zero == 8).all()))
 
 
+def cached_code_gemv_serves(m: int) -> bool:
+    """Whether the CPU face runs m tokens as its GEMV over the cached unpacked codes (a CPU with a
+    fast int8 GEMM; passes/w4a16_codes_gemv.py writes the same GEMV into Inductor's graph)."""
+    return cpu_fused.enabled() and cpu_onednn.int8_gemm_is_fast() and CPU_GEMV_CACHE and m <= GEMV_MAX_TOKENS
+
+
 def _float32(scale: Tensor) -> Tensor:
     return scale if scale.dtype == torch.float32 else scale.float()
 
@@ -98,12 +104,11 @@ def w4a16_linear_spec(
     x2 = x.reshape(-1, k).float()
     m = x2.shape[0]
     y = None
-    if cpu_fused.enabled():
-        if cpu_onednn.int8_gemm_is_fast():
-            if m <= GEMV_MAX_TOKENS and CPU_GEMV_CACHE:
-                y = cpu_fused.int4_gemv(x2, _unpacked(packed), _float32(scale), zero, g)
-        elif m <= cpu_fused.BITS_GEMV_MAX_TOKENS:  # AVX2 alone: from the packed codes (None: group < 64)
-            y = cpu_fused.int4_gemv_bits(x2, packed, _float32(scale), zero, g, _all_eight(zero))
+    if cached_code_gemv_serves(m):
+        y = cpu_fused.int4_gemv(x2, _unpacked(packed), _float32(scale), zero, g)
+    elif cpu_fused.enabled() and not cpu_onednn.int8_gemm_is_fast() and m <= cpu_fused.BITS_GEMV_MAX_TOKENS:
+        # AVX2 alone: from the packed codes (None: group < 64)
+        y = cpu_fused.int4_gemv_bits(x2, packed, _float32(scale), zero, g, _all_eight(zero))
     if y is not None:
         if bias is not None:
             y = y + bias.float()
@@ -146,6 +151,14 @@ def w4a16_linear_spec(
 FAST_INT8_BITS_MIN_GROUP = 128
 
 
+def bits_gemv_in_graph(m: int, group_size: int) -> bool:
+    """Whether, on this CPU, w4a16_linear_decomposed lowers m tokens with groups of group_size to
+    the bit-mask GEMV (it also checks the operands' layout)."""
+    if cpu_onednn.cpu_has_amx() or not 1 <= m <= cpu_fused.BITS_GEMV_MAX_TOKENS:
+        return False
+    return not (cpu_onednn.int8_gemm_is_fast() and group_size < FAST_INT8_BITS_MIN_GROUP)
+
+
 def w4a16_linear_decomposed(
     x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Optional[Tensor]
 ):
@@ -169,11 +182,9 @@ def w4a16_linear_decomposed(
     k = kh * 2
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if x.device.type != "cpu" or cpu_onednn.cpu_has_amx() or not isinstance(m, int):
+    if x.device.type != "cpu" or not isinstance(m, int) or not bits_gemv_in_graph(m, group_size):
         return NotImplemented
-    if cpu_onednn.int8_gemm_is_fast() and group_size < FAST_INT8_BITS_MIN_GROUP:
-        return NotImplemented
-    if not 1 <= m <= cpu_fused.BITS_GEMV_MAX_TOKENS or packed.dtype != torch.uint8 or zero.dtype != torch.uint8:
+    if packed.dtype != torch.uint8 or zero.dtype != torch.uint8:
         return NotImplemented
     if k % group_size or scale.shape != (n, k // group_size) or zero.shape != (n, k // group_size):
         return NotImplemented

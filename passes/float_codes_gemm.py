@@ -37,8 +37,8 @@ import torch
 from torch import Tensor, fx
 
 from qhl.codegen import cpu_fused, cpu_onednn, w4ax, w8a8
-from qhl.graph import attr_value, layer_path
-from qhl.passes.base import PassResult, copy_graph_module, inline_graph
+from qhl.graph import attr_value
+from qhl.passes.base import PassResult, inline_graph, lower_nodes
 
 __all__ = ["float_codes_gemm", "FLOAT_GEMM_META"]
 
@@ -104,16 +104,9 @@ def float_codes_gemm(gm: fx.GraphModule) -> PassResult:
     if not nodes or cpu_onednn.int8_gemm_is_fast():
         why = "this CPU has a fast int8 GEMM" if nodes else None
         return PassResult(gm, False, {"lowered": 0, "kept": len(nodes)}, (f"nothing lowered: {why}",) if why else ())
-    lowered, notes = 0, []
     buffers: dict[str, str] = {}
-    declines = [_decline(node) for node in nodes]
-    if any(why is None for why in declines):
-        gm, env = copy_graph_module(gm)  # the input graph keeps its ops
-        nodes = [env[n] for n in nodes]
-    for node, why in zip(nodes, declines):
-        if why is not None:
-            notes.append(f"{layer_path(node)} keeps its op: {why}")
-            continue
+
+    def rewrite(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
         bits, float_codes = forms[node.target]
         x, w, w_scale, bias = node.args[:4]
         block = node.args[4] if len(node.args) > 4 else node.kwargs.get("hadamard_block", -1)
@@ -121,19 +114,8 @@ def float_codes_gemm(gm: fx.GraphModule) -> PassResult:
             name = "qhl_f32codes_" + re.sub(r"[^0-9A-Za-z_]", "_", w.target)
             gm.register_buffer(name, float_codes(attr_value(gm, w.target)))
             buffers[w.target] = name
-        with gm.graph.inserting_before(node):
-            codes = gm.graph.get_attr(buffers[w.target])
-            args = [x, codes, w_scale] + ([bias] if bias is not None else [])
-            out = inline_graph(gm.graph, _template(bias is not None, bits, block), args)
-        out.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
-        out.meta[FLOAT_GEMM_META] = layer_path(node)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-        lowered += 1
-    for note in notes:
-        log.debug("float_codes_gemm: %s", note)
-    if lowered:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
-    return PassResult(gm, lowered > 0, {"lowered": lowered, "kept": len(nodes) - lowered}, tuple(notes))
+        codes = gm.graph.get_attr(buffers[w.target])
+        args = [x, codes, w_scale] + ([bias] if bias is not None else [])
+        return inline_graph(gm.graph, _template(bias is not None, bits, block), args)
+
+    return lower_nodes(gm, nodes, [_decline(node) for node in nodes], rewrite, FLOAT_GEMM_META, log)

@@ -32,9 +32,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, fx
 
-from qhl.codegen import cpu_fused, cpu_onednn, w4a16
-from qhl.graph import attr_value, layer_path
-from qhl.passes.base import PassResult, copy_graph_module, inline_graph
+from qhl.codegen import cpu_fused, w4a16
+from qhl.graph import attr_value
+from qhl.passes.base import PassResult, inline_graph, lower_nodes
 
 __all__ = ["w4a16_codes_gemv", "CODES_GEMV_META"]
 
@@ -55,9 +55,9 @@ def _decline(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     if not all(isinstance(d, int) for d in lead):
         return "its token count is dynamic"
     m = math.prod(lead)
-    if not 1 <= m <= w4a16.GEMV_MAX_TOKENS:
+    if m < 1 or not w4a16.cached_code_gemv_serves(m):
         return f"{m} tokens: the face's tiled dequantize-then-GEMM serves more than {w4a16.GEMV_MAX_TOKENS}"
-    if not (cpu_onednn.cpu_has_amx() or g < w4a16.FAST_INT8_BITS_MIN_GROUP or m > cpu_fused.BITS_GEMV_MAX_TOKENS):
+    if w4a16.bits_gemv_in_graph(m, g):
         return "Inductor's w4a16 decomposition takes it (the bit-mask GEMV over the packed bytes)"
     w = attr_value(gm, packed.target)
     n, k = w.shape[0], w.shape[1] * 2
@@ -97,18 +97,12 @@ def w4a16_codes_gemv(gm: fx.GraphModule) -> PassResult:
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
     if not nodes:
         return PassResult(gm, False, {"lowered": 0, "kept": 0})
-    if not (cpu_onednn.int8_gemm_is_fast() and cpu_fused.enabled() and w4a16.CPU_GEMV_CACHE):
+    if not w4a16.cached_code_gemv_serves(1):
         why = "the face's cached-code GEMV does not run here (no fast int8 GEMM, or the fused path or cache is off)"
         return PassResult(gm, False, {"lowered": 0, "kept": len(nodes)}, (f"nothing lowered: {why}",))
-    declines = [_decline(gm, node) for node in nodes]
-    if any(why is None for why in declines):
-        gm, env = copy_graph_module(gm)  # the input graph keeps its ops
-        nodes = [env[n] for n in nodes]
-    lowered, notes, buffers = 0, [], {}
-    for node, why in zip(nodes, declines):
-        if why is not None:
-            notes.append(f"{layer_path(node)} keeps its op: {why}")
-            continue
+    buffers: dict[str, str] = {}
+
+    def rewrite(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
         x, packed, scale, zero, g = node.args[:5]
         bias = node.args[5] if len(node.args) > 5 else None
         if packed.target not in buffers:
@@ -118,18 +112,7 @@ def w4a16_codes_gemv(gm: fx.GraphModule) -> PassResult:
         val = x.meta["val"]
         n, k = attr_value(gm, packed.target).shape[0], val.shape[-1]
         template = _template(n, k, g, tuple(val.shape[:-1]), val.dtype, bias is not None)
-        with gm.graph.inserting_before(node):
-            codes = gm.graph.get_attr(buffers[packed.target])
-            out = inline_graph(gm.graph, template, [x, codes, scale, zero] + ([bias] if bias is not None else []))
-        out.meta.update({key: v for key, v in node.meta.items() if key in ("val", "stack_trace", "nn_module_stack")})
-        out.meta[CODES_GEMV_META] = layer_path(node)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-        lowered += 1
-    for note in notes:
-        log.debug("w4a16_codes_gemv: %s", note)
-    if lowered:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
-    return PassResult(gm, lowered > 0, {"lowered": lowered, "kept": len(nodes) - lowered}, tuple(notes))
+        codes = gm.graph.get_attr(buffers[packed.target])
+        return inline_graph(gm.graph, template, [x, codes, scale, zero] + ([bias] if bias is not None else []))
+
+    return lower_nodes(gm, nodes, [_decline(gm, node) for node in nodes], rewrite, CODES_GEMV_META, log)
