@@ -1,4 +1,4 @@
-"""CPU speed of qhl's weight-only forms (w8a16, w4a16 g128) across token counts, against eager float32.
+"""CPU speed of qhl's weight-only forms (w8a16, w4a16 g128 and g64) across token counts, against eager float32.
 
 4 x nn.Linear(4096, 4096) compiled with `torch.compile(backend=qhl.backend(form), dynamic=False)`
 (one graph per token count) at 1 to 256 tokens: decode (1), small decode batches and speculative
@@ -29,13 +29,14 @@ from qhl.metrics import sqnr_db
 
 log = logging.getLogger("weight_only_tokens")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-FORMS = {"w8a16": {}, "w4a16": {"group_size": 128}}
+# label -> (recipe, knobs); g64 is SmolLM2's group size (its width, 576, is no multiple of 128)
+FORMS = {"w8a16": ("w8a16", {}), "w4a16": ("w4a16", {"group_size": 128}), "w4a16 g64": ("w4a16", {"group_size": 64})}
 
 
 def measure(tokens: list[int], rounds: int, reps: int) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(4)]).eval()
-    compiled = {f: torch.compile(model, backend=qhl.backend(f, **k), dynamic=False) for f, k in FORMS.items()}
+    compiled = {f: torch.compile(model, backend=qhl.backend(r, **k), dynamic=False) for f, (r, k) in FORMS.items()}
     rows = []
     with torch.no_grad():
         for m in tokens:
@@ -69,13 +70,15 @@ def markdown(res: dict[str, Any]) -> str:
              f"start. 4 x Linear(4096, 4096), `torch.compile(backend=qhl.backend(form), dynamic=False)`; median of "
              f"{res['args']['rounds']} rounds x {res['args']['reps']} round-robin calls; [a-b] = the ratio's range "
              "over the rounds.", "",
-             "| tokens | eager fp32 ms | w8a16 ms | w8a16 vs eager | w4a16 g128 ms | w4a16 vs eager | SQNR w8a16 / w4a16 dB |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| tokens | eager fp32 ms | " + " | ".join(f"{f} ms | {f} vs eager" for f in FORMS)
+             + " | SQNR " + " / ".join(FORMS) + " dB |",
+             "|---:|---:|" + "---:|---:|" * len(FORMS) + "---:|"]
     for r in res["rows"]:
-        a, b = r["w8a16"], r["w4a16"]
-        lines.append(f"| {r['tokens']} | {r['eager_ms']:.2f} | {a['ms']:.2f} | {a['speedup']:.2f}x "
-                     f"[{a['range'][0]:.2f}-{a['range'][1]:.2f}] | {b['ms']:.2f} | {b['speedup']:.2f}x "
-                     f"[{b['range'][0]:.2f}-{b['range'][1]:.2f}] | {a['sqnr_db']:.1f} / {b['sqnr_db']:.1f} |")
+        forms = [f for f in FORMS if f in r]
+        cells = " | ".join(f"{r[f]['ms']:.2f} | {r[f]['speedup']:.2f}x [{r[f]['range'][0]:.2f}-{r[f]['range'][1]:.2f}]"
+                           for f in forms)
+        lines.append(f"| {r['tokens']} | {r['eager_ms']:.2f} | {cells} | "
+                     + " / ".join(f"{r[f]['sqnr_db']:.1f}" for f in forms) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -190,7 +190,8 @@ def prepare(model: nn.Module, recipe: str | Recipe = "gralora", **knobs: Any) ->
 
     Layers are chosen by the recipe's include/skip globs (default: q/v projections). Returns the
     same model object, modified in place, with `model.qhl_adapters` (a PrepareReport). A model that
-    already carries adapters (qhl's or peft's) gets nothing new attached.
+    already carries adapters (qhl's or peft's) gets nothing new attached. Raises AdapterError
+    when no layer would get an adapter (none matched, or every match declined), as peft does.
     """
     rec = make_recipe(recipe, **knobs)
     if rec.adapter is None:
@@ -216,12 +217,29 @@ def prepare(model: nn.Module, recipe: str | Recipe = "gralora", **knobs: Any) ->
             _set_submodule(model, path, AdapterLinear(
                 module, rec.adapter, rec.r, rec.k, rec.hybrid_r, rec.alpha, rec.dropout))
             report.adapted[path] = (module.in_features, module.out_features)
+        if not report.adapted:
+            raise AdapterError(_nothing_adapted(rec, targets, report.declined))
     for name, p in model.named_parameters():
         p.requires_grad_(_is_adapter_param(name))
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     setattr(model, PREPARE_ATTR, report)
     log.info("%s", report)
     return model
+
+
+def _nothing_adapted(rec: Recipe, targets: list[tuple[str, nn.Module]], declined: dict[str, str]) -> str:
+    """Why prepare() attached no adapter (raised, as peft does: an optimizer over no parameters
+    would otherwise train nothing, silently)."""
+    if not targets:
+        return (f"qhl.prepare({rec.name!r}): the model has no nn.Linear submodule, so no adapter was "
+                "attached; adapters wrap nn.Linear layers")
+    if declined:
+        path, reason = next(iter(declined.items()))
+        return (f"qhl.prepare({rec.name!r}): every layer the recipe selected declined its adapter "
+                f"({len(declined)}; e.g. {path}: {reason}); change r/k/hybrid_r, or include other layers")
+    sample = ", ".join(p for p, _ in targets[:4]) + (", ..." if len(targets) > 4 else "")
+    return (f"qhl.prepare({rec.name!r}): no nn.Linear path matches include={list(rec.include)} "
+            f"(the model's linears: {sample}); pass include=[...] globs that match the layers to adapt")
 
 
 # --- merge -------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import logging
 import sys
@@ -44,6 +45,15 @@ def _parse_knob(text: str) -> tuple[str, Any]:
     return name, value
 
 
+def _required_parameters(fn: Any) -> list[str]:
+    """The parameters `fn` cannot be called without (none when its signature is unknown)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def _load_factory(spec: str):
     from qhl.errors import UnsupportedError
 
@@ -55,6 +65,15 @@ def _load_factory(spec: str):
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise UnsupportedError(f"cannot load {spec!r}: {e}") from e
+    if not callable(factory):
+        raise UnsupportedError(f"{spec} is a {type(factory).__name__}, not a factory function")
+    required = _required_parameters(factory)
+    if required:
+        raise UnsupportedError(
+            f"{spec} must be callable with no arguments and return (model, example_inputs); it requires "
+            f"{', '.join(required)}. Wrap it in a function of your own (qhl.models:tiny_llama, tiny_bert "
+            "and tiny_gpt2 are such factories)"
+        )
     made = factory()
     if not (isinstance(made, tuple) and len(made) == 2):
         raise UnsupportedError(f"{spec} must return (model, example_inputs); got {type(made).__name__}")
@@ -139,7 +158,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from qhl.demo import run_demo
 
-    run_demo(recipe_name=args.recipe, seq_len=args.seq_len, runs=args.runs, html=args.html)
+    run_demo(recipe_name=args.recipe, seq_len=args.seq_len, runs=args.runs, html=args.html, **dict(args.knob))
     return 0
 
 
@@ -198,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--runs", type=int, default=5, help="timed runs (median is reported)")
     p.add_argument("--html", help="also write the layer report as HTML here")
+    p.add_argument("--knob", action="append", type=_parse_knob, default=[], metavar="NAME=VALUE",
+                   help="recipe knob, e.g. group_size=64 (repeatable; VALUE is JSON)")
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("recipes", help="list the preset recipes")

@@ -116,6 +116,8 @@ class QhlBackend:
                 compiled.seconds = time.perf_counter() - t0
                 self.graphs.append(compiled)
                 _log_summary(kind, compiled)
+                if kind == "forward":
+                    _warn_training_graph_once(compiled)
                 return runner
 
             return compile_graph
@@ -211,6 +213,27 @@ class QhlBackend:
                                           time.perf_counter() - t0))
         self.dynamo_graphs.append(CompiledGraph("dynamo", gm, records))
         return dict(gm.meta.get(DECLINED_META, {}))
+
+
+_warned_training_graph = False
+
+
+def _warn_training_graph_once(compiled: CompiledGraph) -> None:
+    """One warning per process: a model called with grad mode on compiles as a training graph.
+
+    An eval-mode model called without torch.no_grad() still gets AOTAutograd's forward + backward
+    pair, which runs op by op (not compiled whole by Inductor on CPU): easy to miss, and several
+    times slower for inference. Training users see it once."""
+    global _warned_training_graph
+    if _warned_training_graph or not any(i.form for i in compiled.layers):
+        return
+    _warned_training_graph = True
+    log.warning(
+        "qhl: grad mode is on, so this graph was compiled for training (forward + float backward, %s). "
+        "For inference, call the model under torch.no_grad() or torch.inference_mode(): on CPU that "
+        "graph is compiled whole by Inductor. (Logged once per process.)",
+        "op by op" if compiled.codegen == "graph" else f"runs on {compiled.codegen}",
+    )
 
 
 def _log_summary(kind: str, compiled: CompiledGraph) -> None:

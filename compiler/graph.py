@@ -52,6 +52,9 @@ class WeightRef:
     trainable: bool = False
 
 
+GROUPED_FORMS = ("w4a16", "lr-w4a16", "gralora-w4a16", "lora-w4a16")  # forms whose int4 weight is group-wise
+
+
 @dataclass
 class MatmulInfo:
     """One matmul found in the graph, and what the passes did with it."""
@@ -92,6 +95,22 @@ class MatmulInfo:
 
     def decline(self, reason: str) -> None:
         self.form, self.reason, self.selected = None, reason, False
+
+    def __repr__(self) -> str:
+        # One line (the dataclass repr would print the weight tensor and the kernel source).
+        shape = f"{self.in_features}->{self.out_features}" if self.in_features is not None else "-"
+        form = self.form or "float"
+        group = self.knobs.get("group_size") if self.form in GROUPED_FORMS else None
+        parts = [self.path or "<root>", self.op, shape, form + (f" g{group}" if group else "")]
+        if self.sqnr_db is not None:
+            parts.append(f"{self.sqnr_db:.1f} dB")
+        if self.weight_bytes_before:
+            parts.append(f"{self.weight_bytes_before}->{self.weight_bytes_after} bytes")
+        if self.rotation:
+            parts.append(f"rotation: {self.rotation}")
+        if self.reason:
+            parts.append(f"reason: {self.reason}")
+        return f"MatmulInfo({', '.join(parts)})"
 
 
 def val(node: Any) -> Any:

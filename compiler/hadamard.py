@@ -272,6 +272,8 @@ def supported_sizes(limit: int = 16384) -> list[int]:
 
 
 def _cannot_build_message(n: int) -> str:
+    if n < 1:
+        return f"qhl cannot build a Hadamard matrix of size {n}: the size must be a positive integer."
     below = next((m for m in range(n - 1, 0, -1) if can_build(m)), None)
     above = next(m for m in itertools.count(n + 1) if can_build(m))
     fallback = block_fallback(n)

@@ -31,6 +31,9 @@ __all__ = [
     "gensim_test_data",
     "config_model",
     "CONFIG_KINDS",
+    "tiny_llama",
+    "tiny_bert",
+    "tiny_gpt2",
 ]
 
 log = logging.getLogger(__name__)
@@ -184,3 +187,20 @@ def config_model(
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (2, 16), generator=gen)
     return model.eval(), (ids,)
+
+
+# Zero-argument factories for the command line (`qhl inspect qhl.models:tiny_llama`), which calls
+# a MODULE:FACTORY with no arguments.
+def tiny_llama() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """config_model("llama"): a tiny random-weight Llama and input_ids [2, 16]."""
+    return config_model("llama")
+
+
+def tiny_bert() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """config_model("bert"): a tiny random-weight BERT encoder and input_ids [2, 16]."""
+    return config_model("bert")
+
+
+def tiny_gpt2() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """config_model("gpt2"): a tiny random-weight GPT-2 and input_ids [2, 16]."""
+    return config_model("gpt2")

@@ -123,10 +123,15 @@ def _check_writable(path: pathlib.Path) -> None:
     parent = path.parent if str(path.parent) else pathlib.Path(".")
     if not parent.is_dir():
         raise UnsupportedError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UnsupportedError(f"cannot write {str(path)!r}: the file exists and is not writable")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UnsupportedError(f"cannot write {str(path)!r}: directory {str(parent)!r} is not writable")
+    # Try it: os.access says yes to root everywhere, and to anyone on pseudo file systems (/proc).
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise UnsupportedError(f"cannot write {str(path)!r}: {e.strerror or e}; choose a writable path") from e
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def default_dynamic_shapes(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -419,7 +424,7 @@ def export_onnx(
     check_translations(gm, table)
     for row in report.layers:
         weights = row.in_features * row.out_features if row.in_features and row.out_features else None
-        row.onnx_ops = ops_after_split(onnx_codegen.ops_for_form(row.form, target), w4a16_activations, weights) if row.form else []
+        row.onnx_ops = ops_after_split(onnx_codegen.ops_for_form(row.form, target, has_bias=row.has_bias), w4a16_activations, weights) if row.form else []
 
     onnx_codegen.set_opset(opset)
     try:
@@ -455,7 +460,10 @@ def export_onnx(
     model_ir.metadata_props["qhl.w4a16_activations"] = w4a16_activations
 
     external = _initializer_bytes(model_ir) >= EXTERNAL_DATA_BYTES
-    program.save(str(path), external_data=external)
+    try:
+        program.save(str(path), external_data=external)
+    except OSError as e:  # checked writable at the start; the disk can still fill up
+        raise UnsupportedError(f"writing {str(path)!r} failed: {e}") from e
     size = path.stat().st_size + sum(
         p.stat().st_size for p in path.parent.glob(path.name + "*.data") if p != path
     ) if external else path.stat().st_size

@@ -21,7 +21,7 @@ from torch import fx
 from qhl.capture import capture_export, no_kv_cache
 from qhl.codegen.triton.emit import attach_kernel_sources
 from qhl.driver import PassRecord, run_passes
-from qhl.graph import MATMUL_META, MatmulInfo, float_reasons, matmul_infos
+from qhl.graph import GROUPED_FORMS, MATMUL_META, MatmulInfo, float_reasons, matmul_infos
 from qhl.metrics import sqnr_db
 from qhl.recipes import DEFAULT_RECIPE, Recipe
 from qhl.recipes import recipe as make_recipe
@@ -51,6 +51,7 @@ class LayerRow:
     rotation: str | None = None  # what the rotation passes did to this layer
     rotation_reason: str | None = None  # why they left it unrotated
     group_size: int | None = None  # int4 groups along K (group-wise forms only)
+    has_bias: bool = False
 
     @classmethod
     def from_info(cls, info: MatmulInfo) -> LayerRow:
@@ -67,10 +68,11 @@ class LayerRow:
             weight_bytes_after=info.weight_bytes_after,
             kernel_name=info.kernel_name,
             kernel_source=info.kernel_source,
-            onnx_ops=_onnx_ops(info.form),
+            onnx_ops=_onnx_ops(info.form, info.has_bias),
             rotation=info.rotation,
             rotation_reason=info.rotation_reason,
             group_size=info.knobs.get("group_size") if info.form in GROUPED_FORMS else None,
+            has_bias=info.has_bias,
         )
 
     @property
@@ -87,16 +89,13 @@ class LayerRow:
         return d
 
 
-GROUPED_FORMS = ("w4a16", "lr-w4a16", "gralora-w4a16", "lora-w4a16")  # forms whose int4 weight is group-wise
-
-
-def _onnx_ops(form: str | None) -> list[str]:
+def _onnx_ops(form: str | None, has_bias: bool = True) -> list[str]:
     """The ONNX op types a form becomes in qhl.export_onnx (standard target); [] for float layers."""
     if not form:
         return []
     from qhl.codegen.onnx import ops_for_form  # cheap: does not import onnxscript
 
-    return ops_for_form(form)
+    return ops_for_form(form, has_bias=has_bias)
 
 
 def layer_rows(gm: fx.GraphModule) -> list[LayerRow]:
@@ -138,6 +137,9 @@ class Report:
             + (f" ({after / before:.2f}x)" if before else ""),
             f"  model output SQNR vs float32: {_db(self.output_sqnr_db)}",
         ]
+        if not self.layers:
+            lines.append("  (qhl rewrites matrix products: linear, mm, addmm, bmm and matmul; this graph has "
+                         "none, so it runs as it was. Convolutions and embeddings are not rewritten.)")
         reasons = float_reasons(self.layers)
         if reasons:
             lines.append("  left float, by reason:")

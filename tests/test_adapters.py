@@ -519,3 +519,17 @@ def test_gralora_w4a16_base_takes_group_size_auto():
         torch.compile(model, backend=be)(torch.randn(2, 3, 96))
     groups = {i.path: i.knobs.get("group_size") for g in be.graphs for i in g.layers if i.form}
     assert groups == {"q_proj": 32, "v_proj": 32}
+
+
+@pytest.mark.parametrize("case", ("no_match", "all_declined", "no_linear"))
+def test_prepare_that_attaches_nothing_raises_and_says_why(case):
+    """As peft: an optimizer over no trainable parameter would train nothing, silently."""
+    model, knobs, why = {
+        "no_match": (QV(d=16, odd=16), {"include": ["*.k_proj"]}, r"no nn.Linear path matches include=\['\*.k_proj'\].*q_proj"),
+        "all_declined": (QV(d=15, odd=15), {"include": ["*v_proj"], "k": 2}, r"every layer the recipe selected declined.*v_proj"),
+        "no_linear": (nn.Sequential(nn.ReLU()), {}, "has no nn.Linear submodule"),
+    }[case]
+    with pytest.raises(qhl.AdapterError, match=why):
+        qhl.prepare(model, "gralora", r=4, **knobs)
+    assert not any(isinstance(m, AdapterLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # the model is left as it was

@@ -315,3 +315,25 @@ def test_graph_summary_log_names_the_most_common_float_reason(caplog):
     with caplog.at_level(logging.INFO, logger="qhl.compile_backend"), torch.no_grad():
         torch.compile(model, backend=qhl.backend("w4a16", cpu_codegen="spec"))(torch.randn(2, 96))
     assert "2 left as they were (most: 2 x in_features K=96 is not divisible by group_size=128;" in caplog.text
+
+
+def test_grad_mode_compile_warns_once_that_inference_wants_no_grad(monkeypatch, caplog):
+    """An eval model called with gradients on compiles a training graph (op by op on CPU): easy to
+    miss, several times slower; the backend says so once per process."""
+    import qhl.compile_backend as cb
+
+    monkeypatch.setattr(cb, "_warned_training_graph", False)
+    model = MLP().eval()
+    compiled, be = _compile(model)
+    x = torch.randn(2, 64)
+    with caplog.at_level(logging.WARNING, logger="qhl"):
+        compiled(x)
+        compiled(torch.randn(3, 5, 64))  # another graph: no second warning
+    assert [g.kind for g in be.graphs][0] == "forward"
+    hits = [r for r in caplog.records if "grad mode is on" in r.getMessage()]
+    assert len(hits) == 1 and "torch.no_grad()" in hits[0].getMessage()
+    caplog.clear()
+    cb._warned_training_graph = False  # an inference graph must not warn even when it could
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="qhl"):
+        torch.compile(MLP().eval(), backend=qhl.backend("w8a8"))(x)
+    assert not [r for r in caplog.records if "grad mode is on" in r.getMessage()]

@@ -457,3 +457,9 @@ def test_onnx_ops_listed():
 
     assert "MatMul" in ops_for_form("hadamard") and "Split" not in ops_for_form("hadamard")
     assert "QuantizeLinear" in ops_for_form("hadamard_quantize_per_token")
+
+
+@pytest.mark.parametrize("n", (0, -4))
+def test_non_positive_size_says_so(n):
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        hlib.hadamard_matrix(n)

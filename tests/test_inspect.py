@@ -327,3 +327,74 @@ def test_float_layers_are_summed_up_by_reason():
     assert reasons[0][1].startswith("in_features K=96 is not divisible by group_size=128; group_size=32 divides K")
     assert f"   3 x {reasons[0][1]}" in str(report)
     assert float_reasons(qhl.inspect(model, (torch.randn(2, 96),), recipe="w8a8").layers) == []
+
+
+# --- what a user meets first: CLI factories, the demo's knobs, a short layer repr ---------------------
+
+
+def test_cli_factory_that_needs_arguments_exits_2_naming_them(caplog):
+    from qhl.cli import main
+
+    assert main(["inspect", "qhl.models:config_model"]) == 2
+    text = caplog.text
+    assert "qhl.models:config_model must be callable with no arguments" in text and "requires kind" in text
+    assert "qhl.models:tiny_llama" in text  # and where a runnable one is
+
+
+def test_cli_zero_argument_model_factories():
+    from qhl.models import tiny_bert
+
+    model, (ids,) = tiny_bert()
+    assert not model.training and tuple(ids.shape) == (2, 16)
+
+
+def test_demo_takes_knobs_and_checks_them_before_loading_the_model(monkeypatch):
+    import qhl.models
+    from qhl.cli import build_parser
+    from qhl.demo import run_demo
+
+    args = build_parser().parse_args(["demo", "--recipe", "w4a16", "--knob", "group_size=64"])
+    assert dict(args.knob) == {"group_size": 64}
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the recipe was checked")
+
+    monkeypatch.setattr(qhl.models, "load_smollm2", no_load)
+    with pytest.raises(qhl.RecipeError, match="group_size"):
+        run_demo("w4a16", group_size=100)
+
+
+def test_matmul_info_repr_is_one_line_without_tensors():
+    model = MLP().eval()
+    report = qhl.inspect(model, (torch.randn(2, 64),), recipe="w4a16", group_size=32)
+    gm = report.graph_module
+    from qhl.graph import matmul_infos
+
+    text = repr(matmul_infos(gm)[0][1])
+    assert text.startswith("MatmulInfo(fc1, ") and "w4a16 g32" in text and " dB" in text
+    assert "\n" not in text and "tensor(" not in text and len(text) < 200
+
+
+def test_report_without_matmuls_says_what_qhl_rewrites():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    text = str(qhl.inspect(model, (torch.randn(1, 3, 8, 8),), recipe="w8a8"))
+    assert "matmuls found: 0" in text and "Convolutions and embeddings are not rewritten" in text
+
+
+def test_onnx_ops_list_an_add_only_for_a_bias():
+    """A row's onnx_ops are what its translation emits: w8a8's only Add is the bias."""
+    from qhl.codegen.onnx import ops_for_form
+
+    class NoBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(64, 64, bias=False)
+            self.b = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    rows = {r.path: r for r in qhl.inspect(NoBias().eval(), (torch.randn(2, 64),), recipe="w8a8").layers}
+    assert "Add" not in rows["a"].onnx_ops and rows["a"].onnx_ops[-2:] == ["Cast", "Mul"]
+    assert rows["b"].onnx_ops[-1] == "Add"
+    assert "Add" in ops_for_form("lr-w4a16", has_bias=False)  # there Add also joins the two parts

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pathlib
 import re
 import time
 
@@ -536,18 +537,22 @@ def test_config_model_export_per_form(kind, form, tmp_path):
 # --- (c) bad input ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ("missing_dir", "is_dir"))
+@pytest.mark.parametrize("where", ("missing_dir", "is_dir", "pseudo_fs"))
 def test_unwritable_path_fails_before_any_work(where, tmp_path, monkeypatch):
+    """Checked by trying: os.access says yes to root everywhere, and on /proc to anyone."""
     import qhl.report
 
     def no_capture(*a, **k):
         raise AssertionError("capture ran before the output path was checked")
 
     monkeypatch.setattr(qhl.report, "inspect", no_capture)
-    path = tmp_path / "nope" / "m.onnx" if where == "missing_dir" else tmp_path
+    if where == "pseudo_fs" and not pathlib.Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    path = {"missing_dir": tmp_path / "nope" / "m.onnx", "is_dir": tmp_path,
+            "pseudo_fs": pathlib.Path("/proc/qhl_model.onnx")}[where]
     model, (x,) = _mlp()
     t0 = time.perf_counter()
-    with pytest.raises(UnsupportedError, match=re.escape(str(path if where == "is_dir" else path.parent))):
+    with pytest.raises(UnsupportedError, match=re.escape(str(path.parent if where == "missing_dir" else path))):
         export_onnx(model, (x,), path, recipe="w8a8")
     assert time.perf_counter() - t0 < 1.0
 
