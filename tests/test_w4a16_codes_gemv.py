@@ -33,15 +33,16 @@ def test_w4a16_becomes_the_faces_gemv_in_aten_ops(int8_gemm, monkeypatch):
     kept = copy.deepcopy(gm)
     res = w4a16_codes_gemv(gm)
     assert res.changed and dict(res.stats) == {"lowered": 2, "kept": 0} and res.notes == ()
-    # Golden: per layer, the unpacked codes (a uint8 [N, K] constant), (c - z) per group, the
-    # per-group partial sums, the scales, the bias; no w4a16 op is left.
+    # Golden: per layer, the unpacked codes (a uint8 [N, K] constant), (c - z) * s per group, one
+    # reduction over K (no per-group partial sums in a buffer), the bias; no w4a16 op is left.
     assert W4A16 not in call_targets(res.gm)
     codes = [n for n in res.gm.graph.nodes if n.op == "get_attr" and n.target.startswith("qhl_codes_")]
     assert [tuple(getattr(res.gm, n.target).shape) for n in codes] == [(128, 64), (32, 128)]
     assert all(getattr(res.gm, n.target).dtype == torch.uint8 for n in codes)
     code = res.gm.code
-    for step in (".view(", ".float()", " - ", ".sum(-1)", " * ", " + ", ".to(torch.float32)", ".reshape("):
+    for step in (".view(", ".float()", " - ", ".sum((-1, -2))", " * ", " + ", ".to(torch.float32)", ".reshape("):
         assert code.count(step) >= 2, step
+    assert ".sum(-1)" not in code
     assert sorted(n.meta[CODES_GEMV_META] for n in res.gm.graph.nodes if CODES_GEMV_META in n.meta) == ["fc1", "fc2"]
     # The input graph keeps its ops (it is the layer table's graph and the fallback).
     assert call_targets(gm).count(W4A16) == 2 and gm.code == kept.code
