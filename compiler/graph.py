@@ -55,6 +55,13 @@ class WeightRef:
 GROUPED_FORMS = ("w4a16", "lr-w4a16", "gralora-w4a16", "lora-w4a16")  # forms whose int4 weight is group-wise
 
 
+def form_label(form: str | None, group_size: int | None = None) -> str:
+    """A form as reports show it: "float", "w8a8", or with its int4 groups "w4a16 g64"."""
+    if not form:
+        return "float"
+    return f"{form} g{group_size}" if group_size and form in GROUPED_FORMS else form
+
+
 @dataclass
 class MatmulInfo:
     """One matmul found in the graph, and what the passes did with it."""
@@ -99,9 +106,7 @@ class MatmulInfo:
     def __repr__(self) -> str:
         # One line (the dataclass repr would print the weight tensor and the kernel source).
         shape = f"{self.in_features}->{self.out_features}" if self.in_features is not None else "-"
-        form = self.form or "float"
-        group = self.knobs.get("group_size") if self.form in GROUPED_FORMS else None
-        parts = [self.path or "<root>", self.op, shape, form + (f" g{group}" if group else "")]
+        parts = [self.path or "<root>", self.op, shape, form_label(self.form, self.knobs.get("group_size"))]
         if self.sqnr_db is not None:
             parts.append(f"{self.sqnr_db:.1f} dB")
         if self.weight_bytes_before:

@@ -21,7 +21,7 @@ from torch import fx
 from qhl.capture import capture_export, no_kv_cache
 from qhl.codegen.triton.emit import attach_kernel_sources
 from qhl.driver import PassRecord, run_passes
-from qhl.graph import GROUPED_FORMS, MATMUL_META, MatmulInfo, float_reasons, matmul_infos
+from qhl.graph import GROUPED_FORMS, MATMUL_META, MatmulInfo, float_reasons, form_label, matmul_infos
 from qhl.metrics import sqnr_db
 from qhl.recipes import DEFAULT_RECIPE, Recipe
 from qhl.recipes import recipe as make_recipe
@@ -78,9 +78,7 @@ class LayerRow:
     @property
     def form_label(self) -> str:
         """The form as the report shows it: "float", "w8a8", or with its int4 groups "w4a16 g64"."""
-        if not self.form:
-            return "float"
-        return f"{self.form} g{self.group_size}" if self.group_size else self.form
+        return form_label(self.form, self.group_size)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -89,7 +87,7 @@ class LayerRow:
         return d
 
 
-def _onnx_ops(form: str | None, has_bias: bool = True) -> list[str]:
+def _onnx_ops(form: str | None, has_bias: bool) -> list[str]:
     """The ONNX op types a form becomes in qhl.export_onnx (standard target); [] for float layers."""
     if not form:
         return []

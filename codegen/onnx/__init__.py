@@ -93,13 +93,9 @@ def translation_table(target: str = "standard") -> dict[Any, Callable[..., Any]]
 TRANSLATIONS: dict[Any, Callable[..., Any]] = translation_table("standard")
 
 
-# Forms whose translation's only Add is the bias: a layer without one emits no Add.
-_ADD_IS_BIAS = ("w8a8", "w8a8-tensor", "w8a16", "w4a16", "w4a8", "w4a4")
-
-
 def ops_for_form(form: str, target: str = "standard", has_bias: bool = True) -> list[str]:
     """The ONNX op types one form becomes (e.g. "w4a16" -> ["DequantizeLinear", "MatMul", "Add"];
-    without a bias, no "Add").
+    without a bias, no "Add" where the form module says its only Add is the bias: ADD_IS_BIAS).
 
     A form qhl has no translation for returns [] (the float ops of an unrewritten layer are the
     exporter's: MatMul/Gemm).
@@ -109,4 +105,6 @@ def ops_for_form(form: str, target: str = "standard", has_bias: bool = True) -> 
     if entry is None:
         return []
     ops = list(entry[0].OPS.get(target, entry[0].OPS["standard"]))
-    return ops if has_bias or form not in _ADD_IS_BIAS else [o for o in ops if o != "Add"]
+    if has_bias or not getattr(entry[0], "ADD_IS_BIAS", False):
+        return ops
+    return [o for o in ops if o != "Add"]

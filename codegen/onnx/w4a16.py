@@ -27,7 +27,10 @@ import numpy as np
 from qhl.codegen.onnx.per_token_quant import const, ms_op, opset
 from qhl.codegen.onnx.w8a16 import as_float32, finish
 
-__all__ = ["OPS", "translate", "translate_onnxruntime", "unpack_codes"]
+__all__ = ["OPS", "ADD_IS_BIAS", "translate", "translate_onnxruntime", "unpack_codes"]
+
+# The translation's only Add is the bias (ops_for_form leaves it out for a layer without one).
+ADD_IS_BIAS = True
 
 OPS: dict[str, list[str]] = {
     "standard": ["DequantizeLinear", "MatMul", "Add"],

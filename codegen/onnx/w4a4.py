@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from qhl.codegen.onnx.w4ax import OPS, translate_w4ax
+from qhl.codegen.onnx.w4ax import ADD_IS_BIAS, OPS, translate_w4ax
 
-__all__ = ["OPS", "translate"]
+__all__ = ["OPS", "ADD_IS_BIAS", "translate"]
 
 
 def translate(x: Any, w_packed: Any, w_scale: Any, bias: Any = None, hadamard_block: int = -1) -> Any:

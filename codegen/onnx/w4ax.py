@@ -36,9 +36,12 @@ from qhl.codegen.onnx.per_token_quant import QUANT_OPS, _float32, _quantize, con
 from qhl.codegen.onnx.w4a16 import _static_shape, unpack_codes
 from qhl.errors import UnsupportedError
 
-__all__ = ["OPS", "translate_w4ax", "per_token_scale_bits"]
+__all__ = ["OPS", "ADD_IS_BIAS", "translate_w4ax", "per_token_scale_bits"]
 
 _OPS = QUANT_OPS + ["MatMulInteger", "Cast", "Mul", "Add"]
+# The translation's only Add is the bias (ops_for_form leaves it out for a layer without one).
+ADD_IS_BIAS = True
+
 OPS: dict[str, list[str]] = {"standard": _OPS, "onnxruntime": _OPS}
 
 

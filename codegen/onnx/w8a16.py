@@ -20,7 +20,10 @@ from typing import Any
 
 from qhl.codegen.onnx.per_token_quant import opset
 
-__all__ = ["OPS", "translate", "translate_dequantize", "as_float32", "finish"]
+__all__ = ["OPS", "ADD_IS_BIAS", "translate", "translate_dequantize", "as_float32", "finish"]
+
+# The translation's only Add is the bias (ops_for_form leaves it out for a layer without one).
+ADD_IS_BIAS = True
 
 OPS: dict[str, list[str]] = {
     "standard": ["Cast", "MatMul", "Mul", "Add"],

@@ -44,7 +44,10 @@ import numpy as np
 from qhl.codegen.onnx.per_token_quant import QUANT_OPS as _PROLOGUE_OPS
 from qhl.codegen.onnx.per_token_quant import const, ms_op, opset, quantize_activations_u8
 
-__all__ = ["OPS", "translate", "translate_onnxruntime"]
+__all__ = ["OPS", "ADD_IS_BIAS", "translate", "translate_onnxruntime"]
+
+# The translation's only Add is the bias (ops_for_form leaves it out for a layer without one).
+ADD_IS_BIAS = True
 
 OPS: dict[str, list[str]] = {
     "standard": _PROLOGUE_OPS + ["MatMulInteger", "Cast", "Mul", "Add"],

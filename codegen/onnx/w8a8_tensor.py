@@ -24,7 +24,10 @@ from typing import Any
 from qhl.codegen.onnx.per_token_quant import ms_op, opset
 from qhl.codegen.onnx.w8a16 import as_float32
 
-__all__ = ["OPS", "translate", "translate_onnxruntime"]
+__all__ = ["OPS", "ADD_IS_BIAS", "translate", "translate_onnxruntime"]
+
+# The translation's only Add is the bias (ops_for_form leaves it out for a layer without one).
+ADD_IS_BIAS = True
 
 OPS: dict[str, list[str]] = {
     "standard": ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Add"],
